@@ -1,0 +1,258 @@
+//! Matrix products on the CPU: the `gemm` crate's packed micro-kernels (AVX-512/AVX2/NEON, chosen at
+//! run time) do the inner work, measured faster here than hand-rolled kernels; this file maps the
+//! engine's layouts (transposes, batches, strided heads, fused bias) onto it.
+
+use anyhow::{ensure, Result};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::elementwise::column_sums_into;
+use super::simd::{Real, SendPtr};
+use super::with_real;
+use crate::backend::Transpose;
+use crate::tensor::Tensor;
+
+/// A strided matrix view: element (i, j) is at `ptr + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<T> MatRef<T> {
+    /// A row-major `[rows, cols]` matrix read as stored or transposed.
+    pub fn dense(ptr: *const T, cols: usize, transposed: bool) -> MatRef<T> {
+        if transposed {
+            MatRef {
+                ptr,
+                rs: 1,
+                cs: cols as isize,
+            }
+        } else {
+            MatRef {
+                ptr,
+                rs: cols as isize,
+                cs: 1,
+            }
+        }
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with arbitrary strides; `dst` rows are `dst_rs` apart.
+///
+/// # Safety
+/// The pointers must cover the strided ranges and `dst` must not alias `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: isize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // gemm: dst := alpha·dst + beta·lhs·rhs, reading dst only when asked.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+    if k == 0 && !accumulate {
+        for i in 0..m {
+            std::slice::from_raw_parts_mut(dst.offset(i as isize * dst_rs), n).fill(T::ZERO);
+        }
+    }
+}
+
+/// Problem size below which one matrix is not worth splitting across threads; batched calls of
+/// such matrices run one matrix per thread instead.
+const SMALL_GEMM_FLOPS: usize = 1 << 22;
+
+pub fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    t: Transpose,
+    out: &mut Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    let (ash, bsh) = (a.shape(), b.shape());
+    ensure!(
+        ash.len() >= 2 && bsh.len() >= 2,
+        "matmul: operands must be at least 2-D, got {ash:?} and {bsh:?}"
+    );
+    let (ar, ac) = (ash[ash.len() - 2], ash[ash.len() - 1]);
+    let (br, bc) = (bsh[bsh.len() - 2], bsh[bsh.len() - 1]);
+    let (m, k) = if t.a { (ac, ar) } else { (ar, ac) };
+    let (kb, n) = if t.b { (bc, br) } else { (br, bc) };
+    ensure!(
+        k == kb,
+        "matmul: inner dimensions differ: {ash:?}{} · {bsh:?}{}",
+        tr(t.a),
+        tr(t.b)
+    );
+    let batch: usize = ash[..ash.len() - 2].iter().product();
+    let b_batch: usize = bsh[..bsh.len() - 2].iter().product();
+    ensure!(
+        b_batch == 1 || b_batch == batch,
+        "matmul: batch dimensions differ: {ash:?} vs {bsh:?} (b may also be a single matrix)"
+    );
+    let mut want = ash[..ash.len() - 2].to_vec();
+    want.extend([m, n]);
+    ensure!(
+        out.shape() == want,
+        "matmul: output has shape {:?}, expected {want:?}",
+        out.shape()
+    );
+    ensure!(
+        a.dtype() == b.dtype() && a.dtype() == out.dtype(),
+        "matmul: dtypes differ"
+    );
+    with_real!(a.dtype(), T => {
+        let (ad, bd) = (a.data::<T>()?, b.data::<T>()?);
+        let od = SendPtr(out.data_mut::<T>()?.as_mut_ptr());
+        let b_stride = if b_batch == 1 { 0 } else { k * n };
+        let one = |i: usize, threads: usize| unsafe {
+            // SAFETY: batch entry i reads a[i], b[i] (or the shared b) and writes only out[i].
+            let od = od;
+            gemm_strided::<T>(
+                (m, n, k),
+                od.0.add(i * m * n),
+                n as isize,
+                MatRef::dense(ad.as_ptr().add(i * m * k), ac, t.a),
+                MatRef::dense(bd.as_ptr().add(i * b_stride), bc, t.b),
+                accumulate,
+                threads,
+            )
+        };
+        let threads = rayon::current_num_threads();
+        if batch > 1 && 2 * m * n * k < SMALL_GEMM_FLOPS {
+            (0..batch).into_par_iter().for_each(|i| one(i, 1));
+        } else {
+            (0..batch).for_each(|i| one(i, threads));
+        }
+    });
+    Ok(())
+}
+
+fn tr(transposed: bool) -> &'static str {
+    if transposed {
+        "ᵀ"
+    } else {
+        ""
+    }
+}
+
+/// One row-major product `out[m, n] (+)= op(a)·op(b)` on slices, split across all threads.
+/// `a_cols`/`b_cols` are the stored widths of `a` and `b`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_2d<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    a_cols: usize,
+    ta: bool,
+    b: &[T],
+    b_cols: usize,
+    tb: bool,
+    out: &mut [T],
+    accumulate: bool,
+) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && out.len() >= m * n,
+        "gemm_2d: operand too small"
+    );
+    // SAFETY: the lengths were checked above; `out` is a distinct &mut borrow.
+    unsafe {
+        gemm_strided(
+            (m, n, k),
+            out.as_mut_ptr(),
+            n as isize,
+            MatRef::dense(a.as_ptr(), a_cols, ta),
+            MatRef::dense(b.as_ptr(), b_cols, tb),
+            accumulate,
+            rayon::current_num_threads(),
+        )
+    }
+}
+
+/// `y = x·wᵀ + bias`: the output is pre-filled with the bias and the product accumulated onto it,
+/// which saves a pass over `y`.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, inp) = x.rows_cols();
+    ensure!(
+        w.shape().len() == 2 && w.shape()[1] == inp,
+        "linear: input has {inp} features but weight is {:?}",
+        w.shape()
+    );
+    let outp = w.shape()[0];
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rows_cols checked a last dim") = outp;
+    let mut y = Tensor::zeros(&shape, x.dtype());
+    with_real!(x.dtype(), T => {
+        let yd = y.data_mut::<T>()?;
+        if let Some(b) = bias {
+            ensure!(b.shape() == [outp], "linear: bias has shape {:?}, expected [{outp}]", b.shape());
+            let bd = b.data::<T>()?;
+            yd.par_chunks_mut(outp).for_each(|row| row.copy_from_slice(bd));
+        }
+        gemm_2d((rows, outp, inp), x.data::<T>()?, inp, false, w.data::<T>()?, inp, true, yd, bias.is_some());
+    });
+    Ok(y)
+}
+
+pub fn linear_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    dw: &mut Tensor,
+    dbias: Option<&mut Tensor>,
+) -> Result<Tensor> {
+    let (rows, inp) = x.rows_cols();
+    let outp = w.shape()[0];
+    ensure!(
+        dy.rows_cols() == (rows, outp),
+        "linear backward: dy is {:?}, expected [{rows}, {outp}]",
+        dy.shape()
+    );
+    ensure!(
+        dw.shape() == w.shape(),
+        "linear backward: dw is {:?}, weight is {:?}",
+        dw.shape(),
+        w.shape()
+    );
+    let mut dx = Tensor::zeros(x.shape(), x.dtype());
+    with_real!(x.dtype(), T => {
+        let (dyd, xd, wd) = (dy.data::<T>()?, x.data::<T>()?, w.data::<T>()?);
+        gemm_2d((rows, inp, outp), dyd, outp, false, wd, inp, false, dx.data_mut::<T>()?, false);
+        gemm_2d((outp, inp, rows), dyd, outp, true, xd, inp, false, dw.data_mut::<T>()?, true);
+    });
+    if let Some(db) = dbias {
+        column_sums_into(dy, db)?;
+    }
+    Ok(dx)
+}

@@ -1,0 +1,297 @@
+//! The op set every device implements. Layers call these; each forward op that training uses has its
+//! backward here too (an op without a backward fails loudly rather than dropping gradients).
+//!
+//! Activations are laid out row-major as `[rows, features]`; a batch of sequences is
+//! `[batch * seq, hidden]`, right-padded to the longest sequence, with the real length of each sequence
+//! passed as `lengths` so padded positions never influence a real one.
+
+pub mod cpu;
+
+use anyhow::{bail, Result};
+
+use crate::tensor::{Device, Tensor};
+
+/// Which operands of a matrix product are read transposed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transpose {
+    pub a: bool,
+    pub b: bool,
+}
+
+impl Transpose {
+    pub const NN: Transpose = Transpose { a: false, b: false };
+    pub const NT: Transpose = Transpose { a: false, b: true };
+    pub const TN: Transpose = Transpose { a: true, b: false };
+    pub const TT: Transpose = Transpose { a: true, b: true };
+}
+
+/// Inverted dropout with a counter-based mask: element `i` is kept iff `hash(seed, i) ≥ p·2^32`, so the
+/// mask is reproducible on any device and thread count and the backward regenerates it from the seed
+/// instead of storing it. `p = 0` is the identity (evaluation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    pub const OFF: Dropout = Dropout { p: 0.0, seed: 0 };
+
+    /// A dropout site's own stream: mixes a site tag (layer, position in the layer) into the step seed.
+    pub fn site(p: f32, step_seed: u64, tag: u64) -> Dropout {
+        Dropout {
+            p,
+            seed: mix64(step_seed ^ mix64(tag.wrapping_add(0x9E37_79B9_7F4A_7C15))),
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.p > 0.0
+    }
+
+    /// The multiplier of element `index`: 0 if dropped, 1/(1−p) if kept.
+    #[inline(always)]
+    pub fn factor(&self, index: u64) -> f64 {
+        let bits = (mix64(self.seed ^ index.wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 32) as u32;
+        if (bits as f64) < self.p as f64 * 4_294_967_296.0 {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p as f64)
+        }
+    }
+}
+
+/// SplitMix64's finaliser: a cheap, well-mixed 64-bit hash (also usable in a CUDA kernel).
+#[inline(always)]
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// Average over the real (unpadded) tokens, as sentence-transformers does.
+    Mean,
+    /// The first token's vector.
+    Cls,
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Pooling::Mean),
+            "cls" => Ok(Pooling::Cls),
+            _ => bail!("unknown pooling '{s}': expected 'mean' or 'cls'"),
+        }
+    }
+}
+
+/// Shape of a multi-head attention call over `[batch * seq, heads * head_dim]` activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+}
+
+/// AdamW hyper-parameters, PyTorch's semantics (decoupled decay applied before the Adam update).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// What a layer-norm forward keeps for its backward: per-row mean and 1/σ.
+pub struct NormStats {
+    pub mean: Tensor,
+    pub rstd: Tensor,
+}
+
+pub trait Backend: Send + Sync {
+    fn device(&self) -> Device;
+
+    /// A one-line description (device, instruction set, threads) for logs and bench headers.
+    fn describe(&self) -> String;
+
+    /// `out[i] = op(a[i])·op(b[i])`, plus the old `out[i]` when `accumulate`. Leading dimensions are
+    /// batch dimensions; `b` may be a plain matrix shared by every batch entry.
+    fn matmul(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        t: Transpose,
+        out: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    /// Gradients `(da, db)` of `c = op(a)·op(b)` given `dc`, each itself one product with transposes
+    /// (for `c = x·y`: `dx = dc·yᵀ`, `dy = xᵀ·dc`). `a` and `b` must have the same batch dimensions.
+    fn matmul_backward(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        t: Transpose,
+        dc: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if a.shape().len() != b.shape().len()
+            || a.shape()[..a.shape().len() - 2] != b.shape()[..b.shape().len() - 2]
+        {
+            bail!(
+                "matmul backward: a {:?} and b {:?} must share their batch dimensions",
+                a.shape(),
+                b.shape()
+            );
+        }
+        let (mut da, mut db) = (a.zeros_like(), b.zeros_like());
+        match (t.a, t.b) {
+            (false, false) => self.matmul(dc, b, Transpose::NT, &mut da, false)?,
+            (false, true) => self.matmul(dc, b, Transpose::NN, &mut da, false)?,
+            (true, false) => self.matmul(b, dc, Transpose::NT, &mut da, false)?,
+            (true, true) => self.matmul(b, dc, Transpose::TT, &mut da, false)?,
+        }
+        match (t.a, t.b) {
+            (false, false) => self.matmul(a, dc, Transpose::TN, &mut db, false)?,
+            (true, false) => self.matmul(a, dc, Transpose::NN, &mut db, false)?,
+            (false, true) => self.matmul(dc, a, Transpose::TN, &mut db, false)?,
+            (true, true) => self.matmul(dc, a, Transpose::TT, &mut db, false)?,
+        }
+        Ok((da, db))
+    }
+
+    /// `y = x·wᵀ + bias` with `w` stored `[out, in]` (the Hugging Face convention).
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Backward of [`Backend::linear`]: returns `dx = dy·w`; accumulates `dw += dyᵀ·x`, `dbias += Σ dy`.
+    fn linear_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        dw: &mut Tensor,
+        dbias: Option<&mut Tensor>,
+    ) -> Result<Tensor>;
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    fn add_assign(&self, a: &mut Tensor, b: &Tensor) -> Result<()>;
+
+    /// Inverted dropout (see [`Dropout`]); being linear, it is also its own backward.
+    fn dropout(&self, x: &Tensor, d: Dropout) -> Result<Tensor>;
+
+    /// Rows of `table` picked by `ids`.
+    fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor>;
+    /// Scatter-add of `dy` rows into `dtable` at `ids`.
+    fn embedding_backward(&self, dy: &Tensor, ids: &[u32], dtable: &mut Tensor) -> Result<()>;
+
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, NormStats)>;
+    /// Returns `dx`; accumulates into `dgamma` and `dbeta`.
+    fn layer_norm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        gamma: &Tensor,
+        stats: &NormStats,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Result<Tensor>;
+
+    /// GELU, erf form (as BERT uses).
+    fn gelu(&self, x: &Tensor) -> Result<Tensor>;
+    fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+
+    /// Scaled-dot-product attention, softmax over the first `lengths[b]` keys of each sequence, with
+    /// dropout on the probabilities. Returns the context and the probabilities (before dropout), which
+    /// the backward needs.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: AttnShape,
+        lengths: &[u32],
+        dropout: Dropout,
+    ) -> Result<(Tensor, Tensor)>;
+    /// Returns `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        probs: &Tensor,
+        shape: AttnShape,
+        lengths: &[u32],
+        dropout: Dropout,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+
+    /// `[batch * seq, hidden]` → `[batch, hidden]`, over each sequence's real tokens.
+    fn pool(&self, x: &Tensor, seq: usize, lengths: &[u32], pooling: Pooling) -> Result<Tensor>;
+    fn pool_backward(
+        &self,
+        dy: &Tensor,
+        seq: usize,
+        lengths: &[u32],
+        pooling: Pooling,
+    ) -> Result<Tensor>;
+
+    /// Mean cross-entropy of `logits [rows, classes]` against `labels`, and its gradient w.r.t. the logits.
+    fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)>;
+
+    /// One AdamW step in place; `step` counts from 1 (bias correction).
+    fn adamw(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        hp: &AdamW,
+        step: u64,
+    ) -> Result<()>;
+
+    /// Rows scaled to unit L2 norm (inference only).
+    fn l2_normalize(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// The backend for a device. CPU always exists; other devices say how to enable them.
+pub fn backend(device: Device) -> Result<&'static dyn Backend> {
+    match device {
+        Device::Cpu => Ok(cpu::CpuBackend::get()),
+        Device::Cuda(_) => {
+            bail!("device {device}: this build has no CUDA backend yet; use --device cpu")
+        }
+    }
+}
+
+/// Checks that two shapes agree, naming the op and the operands.
+pub(crate) fn check_same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() {
+        bail!("{op}: shapes differ: {:?} vs {:?}", a.shape(), b.shape());
+    }
+    if a.dtype() != b.dtype() {
+        bail!("{op}: dtypes differ: {} vs {}", a.dtype(), b.dtype());
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! `kdx bench`: median time of every op at the encoder's shapes, and of whole MiniLM-L6 passes.
+//!
+//! Entry names are `model-or-op/what/shape`. Each entry runs a few warm-up iterations, then repeats
+//! until it has `--runs` samples or its time budget is spent, and reports the median.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::backend::{backend, AdamW, AttnShape, Backend, Dropout, Pooling, Transpose};
+use crate::model::bert::{Batch, Mode};
+use crate::model::classifier::SequenceClassifier;
+use crate::model::config::BertConfig;
+use crate::model::params::{ParamStore, Rng};
+use crate::tensor::{DType, Device, Tensor};
+use crate::train::AdamWState;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Device to benchmark
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+    /// Samples per entry (after warm-up)
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Time budget per entry in seconds (an entry stops sampling when it is spent)
+    #[arg(long, default_value_t = 10.0)]
+    budget: f64,
+    /// Only entries whose name contains this
+    filter: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Entry {
+    name: String,
+    median_ms: f64,
+    runs: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gbps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_per_s: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    device: String,
+    entries: Vec<Entry>,
+}
+
+/// What one call of a benchmark body does, for the rate columns.
+enum Work {
+    Flops(f64),
+    Bytes(f64),
+    Tokens(f64),
+}
+
+struct Case {
+    name: String,
+    work: Work,
+    body: Box<dyn FnMut() -> Result<()>>,
+}
+
+fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
+    let n = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(data, shape).expect("shape matches data")
+}
+
+fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
+    let mut rng = Rng::new(7);
+    let mut cases = Vec::new();
+    let rows = 32 * 128;
+    const F32: f64 = 4.0;
+    for (m, k, n, t, tag) in [
+        (rows, 384, 1536, Transpose::NN, "nn"),
+        (rows, 1536, 384, Transpose::NN, "nn"),
+        (rows, 384, 384, Transpose::NT, "nt"),
+        (384, 1536, rows, Transpose::TN, "tn"),
+    ] {
+        let a = random(&if t.a { [k, m] } else { [m, k] }, &mut rng);
+        let b = random(&if t.b { [n, k] } else { [k, n] }, &mut rng);
+        let mut out = Tensor::zeros(&[m, n], DType::F32);
+        cases.push(Case {
+            name: format!("matmul/{tag}/{m}x{k}x{n}/f32"),
+            work: Work::Flops(2.0 * (m * n * k) as f64),
+            body: Box::new(move || be.matmul(&a, &b, t, &mut out, false)),
+        });
+    }
+
+    let shape = AttnShape {
+        batch: 32,
+        seq: 128,
+        heads: 12,
+    };
+    let width = 384;
+    let (q, k, v) = (
+        random(&[rows, width], &mut rng),
+        random(&[rows, width], &mut rng),
+        random(&[rows, width], &mut rng),
+    );
+    let lengths = vec![128u32; 32];
+    let attn_flops = 4.0 * (32 * 12 * 128 * 128 * 32) as f64;
+    {
+        let (q, k, v, lengths) = (q.clone(), k.clone(), v.clone(), lengths.clone());
+        cases.push(Case {
+            name: "attention/fwd/b32-h12-t128-d32/f32".into(),
+            work: Work::Flops(attn_flops),
+            body: Box::new(move || {
+                be.attention(&q, &k, &v, shape, &lengths, Dropout::OFF)
+                    .map(drop)
+            }),
+        });
+    }
+    let dout = random(&[rows, width], &mut rng);
+    cases.push(Case {
+        name: "attention/fwd-bwd/b32-h12-t128-d32/f32".into(),
+        work: Work::Flops(attn_flops * 2.5),
+        body: Box::new(move || {
+            let (_, probs) = be.attention(&q, &k, &v, shape, &lengths, Dropout::OFF)?;
+            be.attention_backward(&dout, &q, &k, &v, &probs, shape, &lengths, Dropout::OFF)
+                .map(drop)
+        }),
+    });
+
+    let x = random(&[rows, 384], &mut rng);
+    let (gamma, beta) = (random(&[384], &mut rng), random(&[384], &mut rng));
+    let elems = (rows * 384) as f64;
+    {
+        let (x, gamma, beta) = (x.clone(), gamma.clone(), beta.clone());
+        cases.push(Case {
+            name: "layernorm/fwd/4096x384/f32".into(),
+            work: Work::Bytes(2.0 * elems * F32),
+            body: Box::new(move || be.layer_norm(&x, &gamma, &beta, 1e-12).map(drop)),
+        });
+    }
+    let dy = random(&[rows, 384], &mut rng);
+    let (mut dg, mut db) = (gamma.zeros_like(), beta.zeros_like());
+    cases.push(Case {
+        name: "layernorm/fwd-bwd/4096x384/f32".into(),
+        work: Work::Bytes(5.0 * elems * F32),
+        body: Box::new(move || {
+            let (_, stats) = be.layer_norm(&x, &gamma, &beta, 1e-12)?;
+            be.layer_norm_backward(&dy, &x, &gamma, &stats, &mut dg, &mut db)
+                .map(drop)
+        }),
+    });
+
+    let h = random(&[rows, 1536], &mut rng);
+    let gelu_elems = (rows * 1536) as f64;
+    {
+        let h = h.clone();
+        cases.push(Case {
+            name: "gelu/fwd/4096x1536/f32".into(),
+            work: Work::Bytes(2.0 * gelu_elems * F32),
+            body: Box::new(move || be.gelu(&h).map(drop)),
+        });
+    }
+    let dh = random(&[rows, 1536], &mut rng);
+    cases.push(Case {
+        name: "gelu/bwd/4096x1536/f32".into(),
+        work: Work::Bytes(3.0 * gelu_elems * F32),
+        body: Box::new(move || be.gelu_backward(&h, &dh).map(drop)),
+    });
+
+    let logits = random(&[32, 2], &mut rng);
+    let labels: Vec<u32> = (0..32).map(|i| i % 2).collect();
+    cases.push(Case {
+        name: "softmax-ce/fwd-bwd/32x2/f32".into(),
+        work: Work::Bytes(2.0 * 64.0 * F32),
+        body: Box::new(move || be.cross_entropy(&logits, &labels).map(drop)),
+    });
+
+    let n = 1 << 22;
+    let (mut p, g) = (random(&[n], &mut rng), random(&[n], &mut rng));
+    let (mut m, mut v) = (p.zeros_like(), p.zeros_like());
+    let mut step = 0;
+    cases.push(Case {
+        name: "adamw/step/4194304/f32".into(),
+        work: Work::Bytes(7.0 * n as f64 * F32),
+        body: Box::new(move || {
+            step += 1;
+            be.adamw(&mut p, &g, &mut m, &mut v, &AdamW::default(), step)
+        }),
+    });
+    cases
+}
+
+/// A full-length random batch of MiniLM-L6's vocabulary.
+fn random_batch(batch: usize, seq: usize, vocab: usize, rng: &mut Rng) -> Batch {
+    Batch {
+        ids: (0..batch * seq)
+            .map(|_| rng.below(vocab as u64) as u32)
+            .collect(),
+        type_ids: vec![0; batch * seq],
+        lengths: vec![seq as u32; batch],
+        seq,
+    }
+}
+
+fn model_cases(be: &'static dyn Backend) -> Result<Vec<Case>> {
+    let config = BertConfig::minilm_l6();
+    let mut params = ParamStore::new();
+    let model = SequenceClassifier::register(&config, 2, Pooling::Mean, &mut params);
+    params.initialise(1)?;
+    let mut rng = Rng::new(3);
+    let (b, t) = (32, 128);
+    let batch = random_batch(b, t, config.vocab_size, &mut rng);
+    let labels: Vec<u32> = (0..b as u32).map(|i| i % 2).collect();
+    let tokens = (b * t) as f64;
+
+    let fwd_params = params.clone();
+    let fwd_batch = batch.clone();
+    let fwd_model = model.clone();
+    let forward = Case {
+        name: format!("minilm-l6/forward/b{b}x{t}"),
+        work: Work::Tokens(tokens),
+        body: Box::new(move || {
+            let (hidden, _) = fwd_model
+                .encoder
+                .forward(be, &fwd_params, &fwd_batch, Mode::Eval)?;
+            be.pool(&hidden, fwd_batch.seq, &fwd_batch.lengths, Pooling::Mean)
+                .map(drop)
+        }),
+    };
+
+    let mut grads = params.zeros_like();
+    let mut opt = AdamWState::new(
+        &params,
+        AdamW {
+            lr: 5e-5,
+            ..AdamW::default()
+        },
+    );
+    let mut step = 0u64;
+    let train = Case {
+        name: format!("minilm-l6/train-step/b{b}x{t}"),
+        work: Work::Tokens(tokens),
+        body: Box::new(move || {
+            step += 1;
+            grads.fill_zero();
+            model.loss_and_grads(
+                be,
+                &params,
+                &batch,
+                &labels,
+                Mode::Train { seed: step },
+                &mut grads,
+            )?;
+            opt.update(be, &mut params, &grads)
+        }),
+    };
+    Ok(vec![forward, train])
+}
+
+fn measure(case: &mut Case, runs: usize, budget: Duration) -> Result<Entry> {
+    let started = Instant::now();
+    for _ in 0..2 {
+        (case.body)()?;
+    }
+    let mut samples = Vec::with_capacity(runs);
+    while samples.len() < runs.max(1) && (samples.len() < 3 || started.elapsed() < budget) {
+        let t0 = Instant::now();
+        (case.body)()?;
+        samples.push(t0.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    let median = samples[samples.len() / 2];
+    let rate = |w: f64| Some(w / median / 1e9);
+    let (gflops, gbps, tokens_per_s) = match case.work {
+        Work::Flops(f) => (rate(f), None, None),
+        Work::Bytes(b) => (None, rate(b), None),
+        Work::Tokens(t) => (None, None, Some(t / median)),
+    };
+    Ok(Entry {
+        name: case.name.clone(),
+        median_ms: median * 1e3,
+        runs: samples.len(),
+        gflops,
+        gbps,
+        tokens_per_s,
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let be = backend(args.device)?;
+    let mut cases = op_cases(be);
+    cases.extend(model_cases(be)?);
+    let wanted = |c: &Case| args.filter.as_deref().is_none_or(|f| c.name.contains(f));
+    let budget = Duration::from_secs_f64(args.budget);
+    if !args.json {
+        println!("kdx bench on {}", be.describe());
+        println!(
+            "{:<42} {:>11} {:>12} {:>6}",
+            "entry", "median ms", "rate", "runs"
+        );
+    }
+    let mut entries = Vec::new();
+    for case in cases.iter_mut().filter(|c| wanted(c)) {
+        let e = measure(case, args.runs, budget)?;
+        if !args.json {
+            let rate = match (e.gflops, e.gbps, e.tokens_per_s) {
+                (Some(g), _, _) => format!("{g:.1} GFLOP/s"),
+                (_, Some(b), _) => format!("{b:.1} GB/s"),
+                (_, _, Some(t)) => format!("{t:.0} tok/s"),
+                _ => String::new(),
+            };
+            println!(
+                "{:<42} {:>11.3} {:>12} {:>6}",
+                e.name, e.median_ms, rate, e.runs
+            );
+        }
+        entries.push(e);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&Report {
+                device: be.describe(),
+                entries
+            })?
+        );
+    }
+    Ok(())
+}

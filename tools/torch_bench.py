@@ -1,0 +1,281 @@
+"""PyTorch reference timings for the shapes kdx benchmarks.
+
+Usage:
+
+    HF_HUB_OFFLINE=1 python tools/torch_bench.py [--threads N] [--device cpu|cuda]
+        [--model DIR] [--filter SUBSTR] [--runs 20] [--warmup 3] [--budget 4] [--json]
+
+Each entry is timed as the median over up to --runs samples, after up to
+--warmup warm-up calls. To keep heavy entries such as the training step short,
+warm-up ends early (after two calls) once a quarter of --budget seconds has
+passed, and sampling ends once the entry has taken --budget seconds, with at
+least 3 samples. Fast ops repeat inside a sample until it lasts about 1 ms;
+times are reported per call.
+
+Work units:
+  * matmul: 2*M*K*N flop.
+  * attention: forward 4*B*H*T*T*D flop, forward+backward 2.5x that.
+  * model entries: forward counts 2*tokens*(linear weights per layer)*layers
+    plus the attention flop above per layer; a training step counts 3x the
+    forward. Tokens/s uses B*T tokens.
+  * elementwise and norm ops: f32 bytes read plus written, activations only
+    (forward reads x and writes y; backward reads dy and x and writes dx).
+
+The MiniLM-L6 model is built from --model DIR/config.json when given, else
+from the all-MiniLM-L6-v2 shapes; weights are random since they do not affect
+speed. With --json the table goes to stderr and one JSON object to stdout.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+
+BATCH, SEQ = 32, 128
+TOKENS = BATCH * SEQ
+MIN_RUNS = 3
+MIN_SAMPLE_S = 1e-3
+F32 = 4
+
+
+@dataclass
+class Work:
+    flops: float = 0.0
+    bytes: float = 0.0
+    tokens: int = 0
+
+
+# An entry's builder allocates its inputs and returns the call to time.
+Entry = tuple[str, Callable[[], Callable[[], None]], Work]
+
+
+def minilm_config(model_dir: str | None) -> transformers.BertConfig:
+    if model_dir:
+        return transformers.BertConfig.from_pretrained(model_dir, attn_implementation="sdpa")
+    return transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        attn_implementation="sdpa",
+    )
+
+
+def model_forward_flops(cfg: transformers.BertConfig, batch: int, seq: int) -> float:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    linear = 4 * h * h + 2 * h * i
+    head_dim = h // cfg.num_attention_heads
+    attention = 4 * batch * cfg.num_attention_heads * seq * seq * head_dim
+    return cfg.num_hidden_layers * (2 * batch * seq * linear + attention)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+def build_entries(cfg: transformers.BertConfig, device: torch.device) -> list[Entry]:
+    def randn(*shape: int, grad: bool = False) -> torch.Tensor:
+        return torch.randn(*shape, device=device, requires_grad=grad)
+
+    def model_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), device=device)
+        return ids, torch.ones_like(ids)
+
+    def bert() -> transformers.BertModel:
+        return transformers.BertModel(cfg, add_pooling_layer=False).to(device)
+
+    def minilm_forward():
+        model = bert().eval()
+        ids, mask = model_inputs()
+
+        def step():
+            with torch.no_grad():
+                mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+        return step
+
+    def minilm_train_step():
+        model = bert().train()
+        head = torch.nn.Linear(cfg.hidden_size, 2).to(device)
+        opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=2e-5)
+        ids, mask = model_inputs()
+        labels = torch.randint(0, 2, (BATCH,), device=device)
+
+        def step():
+            pooled = mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+            F.cross_entropy(head(pooled), labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    def matmul(m: int, k: int, n: int):
+        def make():
+            a, b = randn(m, k), randn(k, n)
+            c = torch.empty(m, n, device=device)
+            return lambda: torch.mm(a, b, out=c)
+
+        return make
+
+    heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // heads
+
+    def attention(backward: bool):
+        def make():
+            q, k, v = (randn(BATCH, heads, SEQ, head_dim, grad=backward) for _ in range(3))
+            # Key padding mask (True = attend) with sequence lengths between SEQ/2 and SEQ.
+            gen = torch.Generator().manual_seed(0)
+            lengths = torch.randint(SEQ // 2, SEQ + 1, (BATCH,), generator=gen).to(device)
+            mask = (torch.arange(SEQ, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+            if not backward:
+                return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            dout = randn(BATCH, heads, SEQ, head_dim)
+
+            def step():
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(dout)
+                q.grad = k.grad = v.grad = None
+
+            return step
+
+        return make
+
+    def layernorm(backward: bool):
+        def make():
+            x = randn(TOKENS, cfg.hidden_size, grad=backward)
+            w, b = randn(cfg.hidden_size, grad=backward), randn(cfg.hidden_size, grad=backward)
+            eps = cfg.layer_norm_eps
+            if not backward:
+                return lambda: F.layer_norm(x, (cfg.hidden_size,), w, b, eps)
+            dy = randn(TOKENS, cfg.hidden_size)
+
+            def step():
+                F.layer_norm(x, (cfg.hidden_size,), w, b, eps).backward(dy)
+                x.grad = w.grad = b.grad = None
+
+            return step
+
+        return make
+
+    def gelu():
+        x = randn(TOKENS, cfg.intermediate_size)
+        return lambda: F.gelu(x)
+
+    def softmax_ce():
+        logits = randn(BATCH, 2, grad=True)
+        labels = torch.randint(0, 2, (BATCH,), device=device)
+
+        def step():
+            F.cross_entropy(logits, labels).backward()
+            logits.grad = None
+
+        return step
+
+    fwd_flops = model_forward_flops(cfg, BATCH, SEQ)
+    attn_flops = 4 * BATCH * heads * SEQ * SEQ * head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return [
+        (f"minilm-l6/forward/b{BATCH}x{SEQ}", minilm_forward, Work(flops=fwd_flops, tokens=TOKENS)),
+        (f"minilm-l6/train-step/b{BATCH}x{SEQ}", minilm_train_step, Work(flops=3 * fwd_flops, tokens=TOKENS)),
+        (f"matmul/nn/{TOKENS}x{h}x{i}", matmul(TOKENS, h, i), Work(flops=2 * TOKENS * h * i)),
+        (f"matmul/nn/{TOKENS}x{i}x{h}", matmul(TOKENS, i, h), Work(flops=2 * TOKENS * i * h)),
+        (f"attention/fwd/b{BATCH}-h{heads}-t{SEQ}-d{head_dim}", attention(False), Work(flops=attn_flops)),
+        (f"attention/fwd-bwd/b{BATCH}-h{heads}-t{SEQ}-d{head_dim}", attention(True), Work(flops=2.5 * attn_flops)),
+        (f"layernorm/fwd/{TOKENS}x{h}", layernorm(False), Work(bytes=2 * TOKENS * h * F32)),
+        (f"layernorm/fwd-bwd/{TOKENS}x{h}", layernorm(True), Work(bytes=5 * TOKENS * h * F32)),
+        (f"gelu/fwd/{TOKENS}x{i}", gelu, Work(bytes=2 * TOKENS * i * F32)),
+        (f"softmax-ce/fwd-bwd/{BATCH}x2", softmax_ce, Work(bytes=2 * BATCH * 2 * F32)),
+    ]
+
+
+def time_entry(step: Callable[[], None], sync: Callable[[], None], args: argparse.Namespace) -> tuple[float, int]:
+    """Median seconds per call and the number of samples taken."""
+
+    def timed(reps: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        return (time.perf_counter() - start) / reps
+
+    began = time.perf_counter()
+    per_call = math.inf
+    for i in range(max(1, args.warmup)):
+        per_call = timed(1)
+        if i > 0 and time.perf_counter() - began > args.budget / 4:
+            break
+    reps = max(1, math.ceil(MIN_SAMPLE_S / per_call))
+    samples: list[float] = []
+    while len(samples) < args.runs and (len(samples) < MIN_RUNS or time.perf_counter() - began < args.budget):
+        samples.append(timed(reps))
+    return statistics.median(samples), len(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", help="model folder whose config.json gives the MiniLM shapes")
+    parser.add_argument("--filter", default="", help="run only entries whose name contains SUBSTR")
+    parser.add_argument("--runs", type=int, default=20, help="timed samples per entry (at most)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up calls per entry")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds per entry before stopping early")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    table = sys.stderr if args.json else sys.stdout
+    print(f"{'entry':<36} {'median ms':>11} {'rate':>15} {'tokens/s':>10} {'runs':>5}", file=table)
+    results = []
+    for name, make, work in build_entries(minilm_config(args.model), device):
+        if args.filter not in name:
+            continue
+        seconds, runs = time_entry(make(), sync, args)
+        result = {"name": name, "median_ms": round(seconds * 1e3, 4)}
+        if work.flops:
+            result["gflops"] = round(work.flops / seconds / 1e9, 2)
+            rate = f"{result['gflops']:.2f} GFLOP/s"
+        else:
+            result["gbps"] = round(work.bytes / seconds / 1e9, 3)
+            rate = f"{result['gbps']:.3f} GB/s"
+        tokens = ""
+        if work.tokens:
+            result["tokens_per_s"] = round(work.tokens / seconds, 1)
+            tokens = f"{result['tokens_per_s']:.0f}"
+        result["runs"] = runs
+        results.append(result)
+        print(f"{name:<36} {seconds * 1e3:>11.3f} {rate:>15} {tokens:>10} {runs:>5}", file=table, flush=True)
+
+    if args.json:
+        report = {
+            "device": device_name,
+            "framework": f"pytorch {torch.__version__}",
+            "threads": args.threads,
+            "entries": results,
+        }
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
