@@ -305,11 +305,11 @@ fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, lengths: &[
     let width = q.shape()[1];
     let d = width / s.heads;
     let mut out = vec![0.0; qd.len()];
-    for b in 0..s.batch {
+    for (b, &len) in lengths.iter().enumerate() {
         for h in 0..s.heads {
             let at = |t: usize, i: usize| (b * s.seq + t) * width + h * d + i;
             for i in 0..s.seq {
-                let scores: Vec<f64> = (0..lengths[b] as usize)
+                let scores: Vec<f64> = (0..len as usize)
                     .map(|j| {
                         (0..d).map(|c| qd[at(i, c)] * kd[at(j, c)]).sum::<f64>() / (d as f64).sqrt()
                     })

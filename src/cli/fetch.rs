@@ -23,7 +23,10 @@ pub fn run(args: Args) -> Result<()> {
         for (name, entry) in fetch::manifest()? {
             println!(
                 "{name:<12} {}  [{} {}=={}]",
-                entry.description, "pypi", entry.package, entry.version
+                entry.description,
+                entry.registry.name(),
+                entry.package,
+                entry.version
             );
         }
         return Ok(());

@@ -293,6 +293,7 @@ impl BertEncoder {
 
     /// Accumulates every encoder parameter's gradient into `grads`, given `d_hidden`, the gradient of the
     /// loss with respect to the last hidden state.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         be: &dyn Backend,

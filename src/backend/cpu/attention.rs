@@ -112,10 +112,9 @@ pub fn forward(
                 p
             };
             unsafe {
-                let outp = outp;
                 gemm_strided(
                     (seq, d, len),
-                    outp.0.add(off),
+                    outp.get().add(off),
                     width as isize,
                     MatRef { ptr: weights.as_ptr(), rs: seq as isize, cs: 1 },
                     MatRef { ptr: vd.as_ptr().add(off), rs: width as isize, cs: 1 },
@@ -167,7 +166,6 @@ pub fn backward(
         );
         let seq = s.seq;
         (0..s.batch * s.heads).into_par_iter().for_each(|bh| {
-            let (dqp, dkp, dvp) = (dqp, dkp, dvp);
             let (b, h) = (bh / s.heads, bh % s.heads);
             let len = lengths[b] as usize;
             let off = head_offset(s, d, b, h);
@@ -194,7 +192,7 @@ pub fn backward(
                 // dV = P'ᵀ · dO  (only the first `len` key rows are non-zero)
                 gemm_strided(
                     (len, d, seq),
-                    dvp.0.add(off),
+                    dvp.get().add(off),
                     width as isize,
                     MatRef { ptr: weights.as_ptr(), rs: 1, cs: seq as isize },
                     do_bh,
@@ -225,7 +223,7 @@ pub fn backward(
                 // dQ = dS · K ;  dK = dSᵀ · Q
                 gemm_strided(
                     (seq, d, len),
-                    dqp.0.add(off),
+                    dqp.get().add(off),
                     width as isize,
                     MatRef { ptr: ds.as_ptr(), rs: seq as isize, cs: 1 },
                     k_bh,
@@ -234,7 +232,7 @@ pub fn backward(
                 );
                 gemm_strided(
                     (len, d, seq),
-                    dkp.0.add(off),
+                    dkp.get().add(off),
                     width as isize,
                     MatRef { ptr: ds.as_ptr(), rs: 1, cs: seq as isize },
                     q_bh,

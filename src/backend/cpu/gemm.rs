@@ -139,10 +139,9 @@ pub fn matmul(
         let b_stride = if b_batch == 1 { 0 } else { k * n };
         let one = |i: usize, threads: usize| unsafe {
             // SAFETY: batch entry i reads a[i], b[i] (or the shared b) and writes only out[i].
-            let od = od;
             gemm_strided::<T>(
                 (m, n, k),
-                od.0.add(i * m * n),
+                od.get().add(i * m * n),
                 n as isize,
                 MatRef::dense(ad.as_ptr().add(i * m * k), ac, t.a),
                 MatRef::dense(bd.as_ptr().add(i * b_stride), bc, t.b),

@@ -40,7 +40,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {
                     let loss = (total.ln() + m - z[label]).to_f64();
                     let scale = inv_rows / total;
                     g.iter_mut().for_each(|p| *p *= scale);
-                    g[label] = g[label] - inv_rows;
+                    g[label] -= inv_rows;
                     loss
                 })
             })

@@ -90,7 +90,6 @@ pub fn layer_norm_backward(
         let n = T::from_f64(cols as f64);
         // One pass per row: dx, and the row's share of dgamma (first half of acc) and dbeta (second half).
         let partials = column_partials(rows, 2 * cols, |r0, r1, acc: &mut [T]| {
-            let dxp = dxp;
             let mut xhat = vec![T::ZERO; cols];
             let mut dxhat = vec![T::ZERO; cols];
             for r in r0..r1 {
@@ -102,7 +101,7 @@ pub fn layer_norm_backward(
                 let c1 = dot(&dxhat, &xhat) / n;
                 let c2 = sum(&dxhat) / n;
                 // SAFETY: each row r is written by exactly one chunk.
-                let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(r * cols), cols) };
+                let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r * cols), cols) };
                 for i in 0..cols {
                     dxr[i] = rstd[r] * (dxhat[i] - c2 - xhat[i] * c1);
                 }
@@ -133,7 +132,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
             // Same guard as torch.nn.functional.normalize: a zero row stays zero.
             let norm = dot(row, row).sqrt().max(T::from_f64(1e-12));
             for v in row.iter_mut() {
-                *v = *v / norm;
+                *v /= norm;
             }
         });
     });

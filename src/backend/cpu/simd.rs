@@ -259,7 +259,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
     let scale = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
     p * scale
@@ -351,6 +351,15 @@ pub fn exp_shifted_sum<T: Real>(x: &mut [T], shift: T) -> T {
 /// output from rayon tasks. Every use states why the regions do not overlap.
 #[derive(Clone, Copy)]
 pub struct SendPtr<T>(pub *mut T);
+
+impl<T> SendPtr<T> {
+    /// The pointer. Closures call this (rather than reading `.0`) so they capture the whole
+    /// `SendPtr`, which is `Send`, instead of the raw field, which is not.
+    #[inline(always)]
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
