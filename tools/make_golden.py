@@ -29,9 +29,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
+import torch
+import transformers
+from tokenizers import Tokenizer
 
 SENTENCES = [
     "Hi!",
@@ -77,9 +77,7 @@ def main() -> None:
     tok.no_padding()
     tok.no_truncation()
 
-    model = transformers.BertModel.from_pretrained(
-        str(model_dir), dtype=torch.float32, attn_implementation="eager"
-    )
+    model = transformers.BertModel.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
 
     encodings = [tok.encode(text) for text in SENTENCES]

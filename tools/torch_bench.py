@@ -33,14 +33,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import torch.nn.functional as F
+import transformers
 
 BATCH, SEQ = 32, 128
 TOKENS = BATCH * SEQ
