@@ -448,35 +448,38 @@ fn dropout_is_seeded_scaled_and_its_own_backward() {
     let n = 200_000;
     let ones = Tensor::from_vec(vec![1.0f32; n], &[n]).unwrap();
     let d = Dropout { p: 0.25, seed: 5 };
-    let y = cpu().dropout(&ones, d).unwrap().to_vec_f64();
+    let y = cpu().dropout(ones.clone(), d).unwrap().to_vec_f64();
     let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
     assert!((kept - 0.75).abs() < 0.005, "kept fraction {kept}");
     assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
     assert_eq!(
         y,
-        cpu().dropout(&ones, d).unwrap().to_vec_f64(),
+        cpu().dropout(ones.clone(), d).unwrap().to_vec_f64(),
         "same seed, same mask"
     );
     assert_ne!(
         y,
         cpu()
-            .dropout(&ones, Dropout { p: 0.25, seed: 6 })
+            .dropout(ones.clone(), Dropout { p: 0.25, seed: 6 })
             .unwrap()
             .to_vec_f64()
     );
     assert_eq!(
-        cpu().dropout(&ones, Dropout::OFF).unwrap().to_vec_f64(),
+        cpu()
+            .dropout(ones.clone(), Dropout::OFF)
+            .unwrap()
+            .to_vec_f64(),
         vec![1.0; n]
     );
 
     let x = randn(&[4, 9], &mut rng);
     let w = randn(&[4, 9], &mut rng);
-    let dx = cpu().dropout(&w, d).unwrap();
+    let dx = cpu().dropout(w.clone(), d).unwrap();
     check_gradient(
         "dropout",
         &x,
         &dx,
-        |v| weighted_sum(&cpu().dropout(v, d).unwrap(), &w),
+        |v| weighted_sum(&cpu().dropout(v.clone(), d).unwrap(), &w),
         RTOL,
         ATOL,
     );

@@ -191,8 +191,9 @@ pub trait Backend: Send + Sync {
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     fn add_assign(&self, a: &mut Tensor, b: &Tensor) -> Result<()>;
 
-    /// Inverted dropout (see [`Dropout`]); being linear, it is also its own backward.
-    fn dropout(&self, x: &Tensor, d: Dropout) -> Result<Tensor>;
+    /// Inverted dropout (see [`Dropout`]) in place; being linear, it is also its own backward.
+    /// Takes the tensor by value so that evaluation (`p = 0`) costs nothing.
+    fn dropout(&self, x: Tensor, d: Dropout) -> Result<Tensor>;
 
     /// Rows of `table` picked by `ids`.
     fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor>;

@@ -204,7 +204,7 @@ impl BertEncoder {
         )?;
         let (normed, emb_stats) =
             be.layer_norm(&emb_sum, &p[e.ln_gamma], &p[e.ln_beta], c.layer_norm_eps)?;
-        let mut x = be.dropout(&normed, mode.dropout(c.hidden_dropout_prob, EMBEDDING_SITE))?;
+        let mut x = be.dropout(normed, mode.dropout(c.hidden_dropout_prob, EMBEDDING_SITE))?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (l, ids) in self.layers.iter().enumerate() {
             let (y, cache) = self.layer_forward(be, p, ids, l, x, batch, mode)?;
@@ -250,7 +250,7 @@ impl BertEncoder {
             attn_dropout,
         )?;
         let mut attn_residual = be.dropout(
-            &lin(&context, ids.attn_out)?,
+            lin(&context, ids.attn_out)?,
             mode.dropout(c.hidden_dropout_prob, attn_out_site),
         )?;
         be.add_assign(&mut attn_residual, &input)?;
@@ -263,7 +263,7 @@ impl BertEncoder {
         let inter_pre = lin(&attn_normed, ids.intermediate)?;
         let inter = be.gelu(&inter_pre)?;
         let mut out_residual = be.dropout(
-            &lin(&inter, ids.output)?,
+            lin(&inter, ids.output)?,
             mode.dropout(c.hidden_dropout_prob, out_site),
         )?;
         be.add_assign(&mut out_residual, &attn_normed)?;
@@ -310,7 +310,7 @@ impl BertEncoder {
             dx = self.layer_backward(be, p, ids, l, lc, dx, batch, mode, grads)?;
         }
         let e = &self.embeddings;
-        let d_normed = be.dropout(&dx, mode.dropout(c.hidden_dropout_prob, EMBEDDING_SITE))?;
+        let d_normed = be.dropout(dx, mode.dropout(c.hidden_dropout_prob, EMBEDDING_SITE))?;
         let (dg, db) = grads.pair_mut(e.ln_gamma, e.ln_beta);
         let d_sum = be.layer_norm_backward(
             &d_normed,
@@ -357,7 +357,7 @@ impl BertEncoder {
 
         let d_out_residual = norm_back(grads, &dy, &lc.out_residual, &lc.out_stats, ids.output_ln)?;
         let d_out = be.dropout(
-            &d_out_residual,
+            d_out_residual.clone(),
             mode.dropout(c.hidden_dropout_prob, out_site),
         )?;
         let d_inter = lin_back(grads, &d_out, &lc.inter, ids.output)?;
@@ -373,7 +373,7 @@ impl BertEncoder {
             ids.attn_ln,
         )?;
         let d_attn_out = be.dropout(
-            &d_attn_residual,
+            d_attn_residual.clone(),
             mode.dropout(c.hidden_dropout_prob, attn_out_site),
         )?;
         let d_context = lin_back(grads, &d_attn_out, &lc.context, ids.attn_out)?;

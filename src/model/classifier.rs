@@ -62,13 +62,13 @@ impl SequenceClassifier {
         let (hidden, cache) = self.encoder.forward(be, p, batch, mode)?;
         let pooled = be.pool(&hidden, batch.seq, &batch.lengths, self.pooling)?;
         let head_dropout = mode.dropout(self.encoder.config.hidden_dropout_prob, HEAD_SITE);
-        let dropped = be.dropout(&pooled, head_dropout)?;
+        let dropped = be.dropout(pooled, head_dropout)?;
         let logits = be.linear(&dropped, &p[self.head.0], Some(&p[self.head.1]))?;
         let (loss, d_logits) = be.cross_entropy(&logits, labels)?;
 
         let (dw, db) = grads.pair_mut(self.head.0, self.head.1);
         let d_dropped = be.linear_backward(&d_logits, &dropped, &p[self.head.0], dw, Some(db))?;
-        let d_pooled = be.dropout(&d_dropped, head_dropout)?;
+        let d_pooled = be.dropout(d_dropped, head_dropout)?;
         let d_hidden = be.pool_backward(&d_pooled, batch.seq, &batch.lengths, self.pooling)?;
         self.encoder
             .backward(be, p, batch, mode, &cache, d_hidden, grads)?;

@@ -25,12 +25,12 @@ pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
-pub fn dropout(x: &Tensor, d: Dropout) -> Result<Tensor> {
-    let mut y = x.clone();
+pub fn dropout(x: Tensor, d: Dropout) -> Result<Tensor> {
+    let mut y = x;
     if !d.is_active() {
         return Ok(y);
     }
-    with_real!(x.dtype(), T => {
+    with_real!(y.dtype(), T => {
         y.data_mut::<T>()?.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
             let base = (c * CHUNK) as u64;
             for (i, v) in chunk.iter_mut().enumerate() {

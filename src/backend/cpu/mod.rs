@@ -96,7 +96,7 @@ impl Backend for CpuBackend {
         elementwise::add_assign(a, b)
     }
 
-    fn dropout(&self, x: &Tensor, d: Dropout) -> Result<Tensor> {
+    fn dropout(&self, x: Tensor, d: Dropout) -> Result<Tensor> {
         elementwise::dropout(x, d)
     }
 
