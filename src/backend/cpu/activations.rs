@@ -3,7 +3,7 @@
 use anyhow::Result;
 use rayon::prelude::*;
 
-use super::simd::{dispatch, Real};
+use super::simd::{simd, Real};
 use super::with_real;
 use crate::backend::check_same_shape;
 use crate::tensor::Tensor;
@@ -30,7 +30,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     let mut y = x.zeros_like();
     with_real!(x.dtype(), T => {
         y.data_mut::<T>()?.par_chunks_mut(CHUNK).zip(x.data::<T>()?.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-            dispatch(|| {
+            simd!({
                 for (o, &v) in yc.iter_mut().zip(xc) {
                     *o = gelu_scalar(v);
                 }
@@ -50,7 +50,7 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
             .zip(x.data::<T>()?.par_chunks(CHUNK))
             .zip(dyd.par_chunks(CHUNK))
             .for_each(|((o, xc), gc)| {
-                dispatch(|| {
+                simd!({
                     for ((o, &v), &g) in o.iter_mut().zip(xc).zip(gc) {
                         *o = g * gelu_grad_scalar(v);
                     }

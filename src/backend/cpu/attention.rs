@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use super::gemm::{gemm_strided, MatRef};
-use super::simd::{dispatch, dot, exp_shifted_sum, max, Real, SendPtr};
+use super::simd::{dot, exp_shifted_sum, max, simd, Real, SendPtr};
 use super::with_real;
 use crate::backend::{AttnShape, Dropout};
 use crate::tensor::Tensor;
@@ -94,7 +94,7 @@ pub fn forward(
                     1,
                 );
             }
-            dispatch(|| {
+            simd!({
                 for row in p.chunks_exact_mut(seq) {
                     let (live, _) = row.split_at_mut(len);
                     live.iter_mut().for_each(|x| *x *= scale);
@@ -202,7 +202,7 @@ pub fn backward(
                 // dP' = dO · Vᵀ
                 gemm_strided((seq, len, d), ds.as_mut_ptr(), seq as isize, do_bh, transposed(v_bh), false, 1);
             }
-            dispatch(|| {
+            simd!({
                 for i in 0..seq {
                     let prow = &p[i * seq..i * seq + len];
                     let drow = &mut ds[i * seq..i * seq + len];

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::simd::{dispatch, Real};
+use super::simd::{simd, Real};
 use super::{row_chunk, with_real};
 use crate::backend::{check_same_shape, Dropout};
 use crate::tensor::Tensor;
@@ -15,7 +15,7 @@ pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
     with_real!(a.dtype(), T => {
         let bd = b.data::<T>()?;
         a.data_mut::<T>()?.par_chunks_mut(CHUNK).zip(bd.par_chunks(CHUNK)).for_each(|(ac, bc)| {
-            dispatch(|| {
+            simd!({
                 for (x, &y) in ac.iter_mut().zip(bc) {
                     *x += y;
                 }
@@ -52,7 +52,7 @@ pub fn column_sums_into(x: &Tensor, out: &mut Tensor) -> Result<()> {
     );
     with_real!(x.dtype(), T => {
         let xd = x.data::<T>()?;
-        let partials = column_partials(rows, cols, |r0, r1, acc: &mut [T]| {
+        let partials = column_partials(rows, cols, #[inline(always)] |r0, r1, acc: &mut [T]| {
             for row in xd[r0 * cols..r1 * cols].chunks_exact(cols) {
                 for (a, &v) in acc.iter_mut().zip(row) {
                     *a += v;
@@ -76,7 +76,7 @@ pub(crate) fn column_partials<T: Real>(
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![T::ZERO; width];
-            dispatch(|| accumulate(c * chunk, ((c + 1) * chunk).min(rows), &mut acc));
+            simd!(accumulate(c * chunk, ((c + 1) * chunk).min(rows), &mut acc));
             acc
         })
         .collect()

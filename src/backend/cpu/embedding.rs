@@ -3,7 +3,7 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::simd::dispatch;
+use super::simd::simd;
 use super::with_real;
 use crate::tensor::Tensor;
 
@@ -46,7 +46,7 @@ pub fn scatter_add(dy: &Tensor, ids: &[u32], dtable: &mut Tensor) -> Result<()> 
     with_real!(dy.dtype(), T => {
         let dyd = dy.data::<T>()?;
         let td = dtable.data_mut::<T>()?;
-        dispatch(|| {
+        simd!({
             for (row, &id) in dyd.chunks_exact(dim).zip(ids) {
                 for (t, &g) in td[id as usize * dim..(id as usize + 1) * dim].iter_mut().zip(row) {
                     *t += g;

@@ -3,7 +3,7 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::simd::{dispatch, exp_shifted_sum, max, Real};
+use super::simd::{exp_shifted_sum, max, simd, Real};
 use super::with_real;
 use crate::tensor::Tensor;
 
@@ -31,7 +31,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {
             .par_chunks_mut(classes)
             .enumerate()
             .map(|(r, g)| {
-                dispatch(|| {
+                simd!({
                     let z = &zd[r * classes..(r + 1) * classes];
                     g.copy_from_slice(z);
                     let m = max(z);

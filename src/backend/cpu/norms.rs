@@ -4,7 +4,7 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use super::elementwise::{add_partials, column_partials};
-use super::simd::{dispatch, dot, sum, Real, SendPtr};
+use super::simd::{dot, simd, sum, Real, SendPtr};
 use super::{row_chunk, with_real};
 use crate::backend::NormStats;
 use crate::tensor::Tensor;
@@ -41,7 +41,7 @@ pub fn layer_norm(
             .zip(rstd.data_mut::<T>()?.par_chunks_mut(chunk))
             .enumerate()
             .for_each(|(c, ((yc, mc), rc))| {
-                dispatch(|| {
+                simd!({
                     for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
                         let xr = &xd[(c * chunk + r) * cols..][..cols];
                         let mu = sum(xr) / n;
@@ -89,26 +89,27 @@ pub fn layer_norm_backward(
         let dxp = SendPtr(dx.data_mut::<T>()?.as_mut_ptr());
         let n = T::from_f64(cols as f64);
         // One pass per row: dx, and the row's share of dgamma (first half of acc) and dbeta (second half).
-        let partials = column_partials(rows, 2 * cols, |r0, r1, acc: &mut [T]| {
+        let partials = column_partials(rows, 2 * cols, #[inline(always)] |r0, r1, acc: &mut [T]| {
             let mut xhat = vec![T::ZERO; cols];
             let mut dxhat = vec![T::ZERO; cols];
             for r in r0..r1 {
                 let (xr, dyr) = (&xd[r * cols..][..cols], &dyd[r * cols..][..cols]);
-                for i in 0..cols {
-                    xhat[i] = (xr[i] - mean[r]) * rstd[r];
-                    dxhat[i] = dyr[i] * g[i];
+                let (mu, rs) = (mean[r], rstd[r]);
+                for (((xh, dxh), (&xv, &dyv)), &gv) in xhat.iter_mut().zip(dxhat.iter_mut()).zip(xr.iter().zip(dyr)).zip(g) {
+                    *xh = (xv - mu) * rs;
+                    *dxh = dyv * gv;
                 }
                 let c1 = dot(&dxhat, &xhat) / n;
                 let c2 = sum(&dxhat) / n;
                 // SAFETY: each row r is written by exactly one chunk.
                 let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r * cols), cols) };
-                for i in 0..cols {
-                    dxr[i] = rstd[r] * (dxhat[i] - c2 - xhat[i] * c1);
+                for ((d, &dxh), &xh) in dxr.iter_mut().zip(&dxhat).zip(&xhat) {
+                    *d = rs * (dxh - c2 - xh * c1);
                 }
                 let (dg, db) = acc.split_at_mut(cols);
-                for i in 0..cols {
-                    dg[i] += dyr[i] * xhat[i];
-                    db[i] += dyr[i];
+                for (((dgi, dbi), &dyv), &xh) in dg.iter_mut().zip(db.iter_mut()).zip(dyr).zip(&xhat) {
+                    *dgi += dyv * xh;
+                    *dbi += dyv;
                 }
             }
         });

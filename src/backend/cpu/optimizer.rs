@@ -3,7 +3,7 @@
 use anyhow::Result;
 use rayon::prelude::*;
 
-use super::simd::{dispatch, Real};
+use super::simd::{simd, Real};
 use super::with_real;
 use crate::backend::{check_same_shape, AdamW};
 use crate::tensor::Tensor;
@@ -40,7 +40,7 @@ pub fn adamw(
             .zip(m.data_mut::<T>()?.par_chunks_mut(CHUNK))
             .zip(v.data_mut::<T>()?.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| {
-                dispatch(|| {
+                simd!({
                     for i in 0..p.len() {
                         m[i] = b1 * m[i] + (T::ONE - b1) * g[i];
                         v[i] = b2 * v[i] + (T::ONE - b2) * g[i] * g[i];

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::simd::{dispatch, Real};
+use super::simd::{simd, Real};
 use super::with_real;
 use crate::backend::Pooling;
 use crate::tensor::Tensor;
@@ -31,7 +31,7 @@ pub fn pool(x: &Tensor, seq: usize, lengths: &[u32], pooling: Pooling) -> Result
             let first = &xd[b * seq * hidden..];
             match pooling {
                 Pooling::Cls => o.copy_from_slice(&first[..hidden]),
-                Pooling::Mean => dispatch(|| {
+                Pooling::Mean => simd!({
                     let len = lengths[b] as usize;
                     for row in first[..len * hidden].chunks_exact(hidden) {
                         for (a, &v) in o.iter_mut().zip(row) {

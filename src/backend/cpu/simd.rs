@@ -72,9 +72,20 @@ fn detect() -> SimdLevel {
     SimdLevel::Scalar
 }
 
-/// Runs `f` compiled for the best available instruction set. `f` must be a closure whose body is the
-/// hot loop (it is inlined into the target-feature function); call it per chunk of work inside rayon
-/// tasks, not around a rayon call, since work on other threads is not compiled in this context.
+/// Runs a block of code compiled for the best available instruction set: `simd!({ hot loop })`.
+/// Use it per chunk of work inside rayon tasks, not around a rayon call (work on other threads is not
+/// compiled in this context). Closures the block calls must be `#[inline(always)]` too.
+macro_rules! simd {
+    ($($body:tt)*) => {
+        $crate::backend::cpu::simd::dispatch(#[inline(always)] || { $($body)* })
+    };
+}
+pub(crate) use simd;
+
+/// Runs `f` inside a function compiled for the detected instruction set. `f` must be an
+/// `#[inline(always)]` closure (use [`simd!`]): LLVM only compiles its body with the wider
+/// instructions if it is inlined into the target-feature function, and a large closure called from
+/// three branches is otherwise kept out of line, compiled for the baseline ISA.
 #[inline(always)]
 pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
