@@ -51,13 +51,26 @@ fn mask_base(s: AttnShape, b: usize, h: usize) -> u64 {
     ((b * s.heads + h) * s.seq * s.seq) as u64
 }
 
-/// Copies the first `len` columns of each row of `p` into `out` with dropout applied.
-fn apply_dropout<T: Real>(p: &[T], out: &mut [T], seq: usize, len: usize, d: Dropout, base: u64) {
+/// The attention weights the context product uses: `p` itself, or (dropout on) a copy in `buf` with
+/// the first `len` columns of each row dropped out.
+fn dropped_out<'a, T: Real>(
+    p: &'a [T],
+    buf: &'a mut Vec<T>,
+    seq: usize,
+    len: usize,
+    d: Dropout,
+    base: u64,
+) -> &'a [T] {
+    if !d.is_active() {
+        return p;
+    }
+    buf.resize(seq * seq, T::ZERO);
     for i in 0..seq {
         for j in 0..len {
-            out[i * seq + j] = p[i * seq + j] * T::from_f64(d.factor(base + (i * seq + j) as u64));
+            buf[i * seq + j] = p[i * seq + j] * T::from_f64(d.factor(base + (i * seq + j) as u64));
         }
     }
+    buf
 }
 
 pub fn forward(
@@ -103,14 +116,8 @@ pub fn forward(
                     live.iter_mut().for_each(|x| *x *= inv);
                 }
             });
-            let mut dropped = Vec::new();
-            let weights: &[T] = if dropout.is_active() {
-                dropped.resize(seq * seq, T::ZERO);
-                apply_dropout(p, &mut dropped, seq, len, dropout, mask_base(s, b, h));
-                &dropped
-            } else {
-                p
-            };
+            let mut buf = Vec::new();
+            let weights = dropped_out(p, &mut buf, seq, len, dropout, mask_base(s, b, h));
             unsafe {
                 gemm_strided(
                     (seq, d, len),
@@ -170,14 +177,8 @@ pub fn backward(
             let len = lengths[b] as usize;
             let off = head_offset(s, d, b, h);
             let p = &pd[bh * seq * seq..(bh + 1) * seq * seq];
-            let mut dropped = Vec::new();
-            let weights: &[T] = if dropout.is_active() {
-                dropped.resize(seq * seq, T::ZERO);
-                apply_dropout(p, &mut dropped, seq, len, dropout, mask_base(s, b, h));
-                &dropped
-            } else {
-                p
-            };
+            let mut buf = Vec::new();
+            let weights = dropped_out(p, &mut buf, seq, len, dropout, mask_base(s, b, h));
             let mut ds = vec![T::ZERO; seq * seq];
             let (q_bh, k_bh, v_bh, do_bh) = (
                 MatRef { ptr: unsafe { qd.as_ptr().add(off) }, rs: width as isize, cs: 1 },
