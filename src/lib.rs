@@ -22,6 +22,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod data;
 pub mod tensor;
 
 pub use tensor::{DType, Device, Tensor};

@@ -1,0 +1,3 @@
+//! Tasks and data: loaders, text templates, splits, metrics.
+
+pub mod metrics;
