@@ -612,3 +612,68 @@ fn cpu_rejects_storage_only_dtypes_clearly() {
     let err = cpu().gelu(&x).unwrap_err().to_string();
     assert!(err.contains("bf16"), "{err}");
 }
+
+#[test]
+fn tanh_backward() {
+    let mut rng = Rng::new(17);
+    let x = randn(&[4, 13], &mut rng);
+    let w = randn(&[4, 13], &mut rng);
+    let y = cpu().tanh(&x).unwrap();
+    for (a, b) in y.to_vec_f64().iter().zip(x.to_vec_f64()) {
+        assert!((a - b.tanh()).abs() < 1e-15);
+    }
+    let dx = cpu().tanh_backward(&y, &w).unwrap();
+    check_gradient(
+        "tanh",
+        &x,
+        &dx,
+        |v| weighted_sum(&cpu().tanh(v).unwrap(), &w),
+        RTOL,
+        ATOL,
+    );
+    let big = Tensor::from_vec(vec![-100.0f32, 100.0, 0.3], &[3]).unwrap();
+    let y = cpu().tanh(&big).unwrap().to_vec_f64();
+    assert_eq!((y[0], y[1]), (-1.0, 1.0));
+    assert!((y[2] - 0.3f64.tanh()).abs() < 1e-6);
+}
+
+#[test]
+fn distillation_loss_value_and_gradient() {
+    let mut rng = Rng::new(18);
+    let (s, t) = (randn(&[5, 7], &mut rng), randn(&[5, 7], &mut rng));
+    let labels = [0u32, 6, 3, 3, 1];
+    let (alpha, tau) = (0.7f32, 2.5f32);
+    let (loss, grad) = cpu().distill_loss(&s, &t, &labels, alpha, tau).unwrap();
+    // Reference: the formula written out in f64.
+    let (sd, td) = (s.to_vec_f64(), t.to_vec_f64());
+    let (a, tau64) = (alpha as f64, tau as f64);
+    let log_softmax = |row: &[f64], temp: f64| {
+        let z: f64 = row.iter().map(|v| (v / temp).exp()).sum::<f64>().ln();
+        row.iter().map(|v| v / temp - z).collect::<Vec<f64>>()
+    };
+    let mut want = 0.0;
+    for r in 0..5 {
+        let (sr, tr) = (&sd[r * 7..(r + 1) * 7], &td[r * 7..(r + 1) * 7]);
+        let ce = -log_softmax(sr, 1.0)[labels[r] as usize];
+        let (ls, lt) = (log_softmax(sr, tau64), log_softmax(tr, tau64));
+        let kl: f64 = lt.iter().zip(&ls).map(|(p, q)| p.exp() * (p - q)).sum();
+        want += (1.0 - a) * ce + a * tau64 * tau64 * kl;
+    }
+    assert!(
+        (loss - want / 5.0).abs() < 1e-12,
+        "{loss} vs {}",
+        want / 5.0
+    );
+    check_gradient(
+        "distill",
+        &s,
+        &grad,
+        |v| cpu().distill_loss(v, &t, &labels, alpha, tau).unwrap().0,
+        RTOL,
+        ATOL,
+    );
+    // α = 0 is plain cross-entropy.
+    let (ce, ce_grad) = cpu().cross_entropy(&s, &labels).unwrap();
+    let (l0, g0) = cpu().distill_loss(&s, &t, &labels, 0.0, tau).unwrap();
+    assert!((ce - l0).abs() < 1e-12 && max_abs_diff(&ce_grad, &g0) < 1e-15);
+}

@@ -222,6 +222,10 @@ pub trait Backend: Send + Sync {
     fn gelu(&self, x: &Tensor) -> Result<Tensor>;
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
 
+    fn tanh(&self, x: &Tensor) -> Result<Tensor>;
+    /// Backward from the forward's output `y = tanh(x)`.
+    fn tanh_backward(&self, y: &Tensor, dy: &Tensor) -> Result<Tensor>;
+
     /// Scaled-dot-product attention, softmax over the first `lengths[b]` keys of each sequence, with
     /// dropout on the probabilities. Returns the context and the probabilities (before dropout), which
     /// the backward needs.
@@ -260,6 +264,17 @@ pub trait Backend: Send + Sync {
 
     /// Mean cross-entropy of `logits [rows, classes]` against `labels`, and its gradient w.r.t. the logits.
     fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)>;
+
+    /// The Hinton distillation loss, mean over rows: `(1−α)·CE(labels, s) + α·τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`,
+    /// and its gradient with respect to the student logits `s` (teacher logits `t` are constants).
+    fn distill_loss(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        labels: &[u32],
+        alpha: f32,
+        temperature: f32,
+    ) -> Result<(f64, Tensor)>;
 
     /// One AdamW step in place; `step` counts from 1 (bias correction).
     fn adamw(

@@ -1,4 +1,4 @@
-//! Activations: GELU in its exact (erf) form, as BERT uses it.
+//! Activations: GELU in its exact (erf) form, as BERT uses it; tanh (BERT's pooler).
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -53,6 +53,47 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
                 simd!({
                     for ((o, &v), &g) in o.iter_mut().zip(xc).zip(gc) {
                         *o = g * gelu_grad_scalar(v);
+                    }
+                })
+            });
+    });
+    Ok(dx)
+}
+
+/// tanh(x) = 1 − 2/(e^{2x} + 1): one exp, vectorises, saturates cleanly at ±1.
+#[inline(always)]
+fn tanh_scalar<T: Real>(x: T) -> T {
+    T::ONE - T::from_f64(2.0) / ((x + x).exp() + T::ONE)
+}
+
+pub fn tanh(x: &Tensor) -> Result<Tensor> {
+    let mut y = x.zeros_like();
+    with_real!(x.dtype(), T => {
+        y.data_mut::<T>()?.par_chunks_mut(CHUNK).zip(x.data::<T>()?.par_chunks(CHUNK)).for_each(|(yc, xc)| {
+            simd!({
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = tanh_scalar(v);
+                }
+            })
+        });
+    });
+    Ok(y)
+}
+
+/// From the forward's output: d tanh = (1 − y²)·dy.
+pub fn tanh_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_same_shape("tanh backward", y, dy)?;
+    let mut dx = y.zeros_like();
+    with_real!(y.dtype(), T => {
+        let dyd = dy.data::<T>()?;
+        dx.data_mut::<T>()?
+            .par_chunks_mut(CHUNK)
+            .zip(y.data::<T>()?.par_chunks(CHUNK))
+            .zip(dyd.par_chunks(CHUNK))
+            .for_each(|((o, yc), gc)| {
+                simd!({
+                    for ((o, &v), &g) in o.iter_mut().zip(yc).zip(gc) {
+                        *o = g * (T::ONE - v * v);
                     }
                 })
             });

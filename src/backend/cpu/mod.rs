@@ -138,6 +138,14 @@ impl Backend for CpuBackend {
         activations::gelu_backward(x, dy)
     }
 
+    fn tanh(&self, x: &Tensor) -> Result<Tensor> {
+        activations::tanh(x)
+    }
+
+    fn tanh_backward(&self, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        activations::tanh_backward(y, dy)
+    }
+
     fn attention(
         &self,
         q: &Tensor,
@@ -180,6 +188,17 @@ impl Backend for CpuBackend {
 
     fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {
         losses::cross_entropy(logits, labels)
+    }
+
+    fn distill_loss(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        labels: &[u32],
+        alpha: f32,
+        temperature: f32,
+    ) -> Result<(f64, Tensor)> {
+        losses::distill_loss(student, teacher, labels, alpha, temperature)
     }
 
     fn adamw(
