@@ -67,11 +67,22 @@ pub struct Confusion {
 
 impl Confusion {
     pub fn new(gold: &[u32], predicted: &[u32], classes: usize) -> Result<Confusion> {
-        ensure!(gold.len() == predicted.len(), "{} gold labels but {} predictions", gold.len(), predicted.len());
-        ensure!(classes >= 2, "metrics need at least 2 classes, got {classes}");
+        ensure!(
+            gold.len() == predicted.len(),
+            "{} gold labels but {} predictions",
+            gold.len(),
+            predicted.len()
+        );
+        ensure!(
+            classes >= 2,
+            "metrics need at least 2 classes, got {classes}"
+        );
         let mut counts = vec![0; classes * classes];
         for (&g, &p) in gold.iter().zip(predicted) {
-            ensure!((g as usize) < classes && (p as usize) < classes, "label {g} or prediction {p} is not below {classes}");
+            ensure!(
+                (g as usize) < classes && (p as usize) < classes,
+                "label {g} or prediction {p} is not below {classes}"
+            );
             counts[g as usize * classes + p as usize] += 1;
         }
         Ok(Confusion { classes, counts })
@@ -130,9 +141,16 @@ fn ratio(num: f64, den: f64) -> f64 {
 }
 
 /// Every metric by name, for reports.
-pub fn all_metrics(gold: &[u32], predicted: &[u32], classes: usize) -> Result<BTreeMap<String, f64>> {
+pub fn all_metrics(
+    gold: &[u32],
+    predicted: &[u32],
+    classes: usize,
+) -> Result<BTreeMap<String, f64>> {
     let c = Confusion::new(gold, predicted, classes)?;
-    Ok(Metric::ALL.iter().map(|m| (m.name().to_string(), m.compute(&c))).collect())
+    Ok(Metric::ALL
+        .iter()
+        .map(|m| (m.name().to_string(), m.compute(&c)))
+        .collect())
 }
 
 #[cfg(test)]
@@ -165,7 +183,10 @@ mod tests {
         let c = Confusion::new(&gold, &pred, 3).unwrap();
         assert!(close(c.accuracy(), 4.0 / 6.0));
         // per-class F1: 0: 2·1/(2+2)=0.5, 1: 2·2/(2+3)=0.8, 2: 2·1/(2+1)=2/3
-        assert!(close(Metric::MacroF1.compute(&c), (0.5 + 0.8 + 2.0 / 3.0) / 3.0));
+        assert!(close(
+            Metric::MacroF1.compute(&c),
+            (0.5 + 0.8 + 2.0 / 3.0) / 3.0
+        ));
         // Gorodkin: c=4, s=6, p=(2,3,1), t=(2,2,2): (24 − 12)/√((36 − 14)(36 − 12))
         assert!(close(c.mcc(), 12.0 / (22.0f64 * 24.0).sqrt()));
     }
