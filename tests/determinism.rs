@@ -1,8 +1,8 @@
 //! The same seed gives bit-identical losses over training steps (dropout on, all threads busy).
 
-use kdx::backend::{backend, AdamW, Pooling};
+use kdx::backend::{backend, AdamW};
 use kdx::model::bert::{Batch, Mode};
-use kdx::model::classifier::SequenceClassifier;
+use kdx::model::classifier::{Head, SequenceClassifier};
 use kdx::model::config::BertConfig;
 use kdx::model::params::{ParamStore, Rng};
 use kdx::train::AdamWState;
@@ -19,7 +19,7 @@ fn losses(seed: u64, steps: usize) -> Vec<f64> {
         ..BertConfig::minilm_l6()
     };
     let mut params = ParamStore::new();
-    let model = SequenceClassifier::register(&config, 2, Pooling::Mean, &mut params);
+    let model = SequenceClassifier::register(&config, 2, Head::Mean, &mut params);
     params.initialise(seed).unwrap();
     let mut grads = params.zeros_like();
     let mut opt = AdamWState::new(

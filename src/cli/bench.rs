@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::backend::{backend, AdamW, AttnShape, Backend, Dropout, Pooling, Transpose};
 use crate::model::bert::{Batch, Mode};
-use crate::model::classifier::SequenceClassifier;
+use crate::model::classifier::{Head, SequenceClassifier};
 use crate::model::config::BertConfig;
 use crate::model::params::{ParamStore, Rng};
 use crate::tensor::{DType, Device, Tensor};
@@ -206,7 +206,7 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, rng: &mut Rng) -> Batch 
 fn model_cases(be: &'static dyn Backend) -> Result<Vec<Case>> {
     let config = BertConfig::minilm_l6();
     let mut params = ParamStore::new();
-    let model = SequenceClassifier::register(&config, 2, Pooling::Mean, &mut params);
+    let model = SequenceClassifier::register(&config, 2, Head::Mean, &mut params);
     params.initialise(1)?;
     let mut rng = Rng::new(3);
     let (b, t) = (32, 128);
