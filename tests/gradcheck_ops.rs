@@ -677,3 +677,19 @@ fn distillation_loss_value_and_gradient() {
     let (l0, g0) = cpu().distill_loss(&s, &t, &labels, 0.0, tau).unwrap();
     assert!((ce - l0).abs() < 1e-12 && max_abs_diff(&ce_grad, &g0) < 1e-15);
 }
+
+#[test]
+fn sum_squares_and_scale() {
+    let mut rng = Rng::new(19);
+    let mut x = randn_f32(&[70_001], &mut rng);
+    let want: f64 = x.to_vec_f64().iter().map(|v| v * v).sum();
+    let got = cpu().sum_squares(&x).unwrap();
+    assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    let before = x.to_vec_f64();
+    cpu().scale(&mut x, -0.5).unwrap();
+    assert!(x
+        .to_vec_f64()
+        .iter()
+        .zip(before)
+        .all(|(a, b)| *a == -0.5 * b));
+}

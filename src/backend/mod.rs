@@ -191,6 +191,11 @@ pub trait Backend: Send + Sync {
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     fn add_assign(&self, a: &mut Tensor, b: &Tensor) -> Result<()>;
 
+    /// Σ x² over every element, accumulated in f64 (gradient norms).
+    fn sum_squares(&self, x: &Tensor) -> Result<f64>;
+    /// `x ← factor·x` in place.
+    fn scale(&self, x: &mut Tensor, factor: f32) -> Result<()>;
+
     /// Inverted dropout (see [`Dropout`]) in place; being linear, it is also its own backward.
     /// Takes the tensor by value so that evaluation (`p = 0`) costs nothing.
     fn dropout(&self, x: Tensor, d: Dropout) -> Result<Tensor>;

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::simd::{simd, Real};
+use super::simd::{dot, simd, Real};
 use super::{row_chunk, with_real};
 use crate::backend::{check_same_shape, Dropout};
 use crate::tensor::Tensor;
@@ -21,6 +21,22 @@ pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
                 }
             })
         });
+    });
+    Ok(())
+}
+
+/// Σ x², per fixed chunk in the element type and then added in order in f64 (reproducible).
+pub fn sum_squares(x: &Tensor) -> Result<f64> {
+    with_real!(x.dtype(), T => {
+        let partials: Vec<f64> = x.data::<T>()?.par_chunks(CHUNK).map(|c| simd!(dot(c, c).to_f64())).collect();
+        Ok(partials.iter().sum())
+    })
+}
+
+pub fn scale(x: &mut Tensor, factor: f32) -> Result<()> {
+    with_real!(x.dtype(), T => {
+        let f = T::from_f64(factor as f64);
+        x.data_mut::<T>()?.par_chunks_mut(CHUNK).for_each(|c| simd!(c.iter_mut().for_each(|v| *v *= f)));
     });
     Ok(())
 }

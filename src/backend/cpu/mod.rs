@@ -96,6 +96,14 @@ impl Backend for CpuBackend {
         elementwise::add_assign(a, b)
     }
 
+    fn sum_squares(&self, x: &Tensor) -> Result<f64> {
+        elementwise::sum_squares(x)
+    }
+
+    fn scale(&self, x: &mut Tensor, factor: f32) -> Result<()> {
+        elementwise::scale(x, factor)
+    }
+
     fn dropout(&self, x: Tensor, d: Dropout) -> Result<Tensor> {
         elementwise::dropout(x, d)
     }
