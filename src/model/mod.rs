@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod classifier;
 pub mod config;
+pub mod export;
 pub mod fetch;
 pub mod params;
 pub mod safetensors_io;

@@ -1,7 +1,7 @@
 //! Reading parameters from `.safetensors` files (memory-mapped), with errors that name the file and
 //! the tensor.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +44,33 @@ impl SafetensorsFile {
         })
     }
 
+    /// The file's string metadata (empty if it has none).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: unreadable safetensors header: {e}",
+                self.path.display()
+            )
+        })?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
+    /// Fills every parameter of `store` from tensors named exactly `prefix` + its name; all must exist.
+    pub fn load_prefixed_into(&self, store: &mut ParamStore, prefix: &str) -> Result<()> {
+        let st = self.parse()?;
+        for (name, tensor) in store.iter_mut() {
+            let stored = format!("{prefix}{name}");
+            let view = st.tensor(&stored).map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: tensor '{stored}' is missing (was it written for another model?)",
+                    self.path.display()
+                )
+            })?;
+            *tensor = decode(&view, &stored, tensor, &self.path)?;
+        }
+        Ok(())
+    }
+
     /// Fills every parameter of `store` from the file. A stored name may carry `prefix` (e.g. `bert.`)
     /// and old checkpoints name layer-norm parameters `gamma`/`beta`. Parameters for which `optional`
     /// is true may be absent (they keep their values); any other absence is an error.
@@ -78,21 +105,26 @@ impl SafetensorsFile {
             let view = st
                 .tensor(found)
                 .map_err(|e| anyhow::anyhow!("{}: tensor '{found}': {e}", self.path.display()))?;
-            if view.shape() != tensor.shape() {
-                bail!(
-                    "{}: tensor '{found}' has shape {:?} but the model config expects {:?}",
-                    self.path.display(),
-                    view.shape(),
-                    tensor.shape()
-                );
-            }
-            let values = view_to_f32(&view)
-                .with_context(|| format!("{}: tensor '{found}'", self.path.display()))?;
-            *tensor = Tensor::from_f32(&values, tensor.shape(), tensor.dtype())?;
+            *tensor = decode(&view, found, tensor, &self.path)?;
             loaded.push(name.to_string());
         }
         Ok(loaded)
     }
+}
+
+/// A stored tensor as a parameter of `like`'s shape and dtype.
+fn decode(view: &TensorView<'_>, stored: &str, like: &Tensor, path: &Path) -> Result<Tensor> {
+    if view.shape() != like.shape() {
+        bail!(
+            "{}: tensor '{stored}' has shape {:?} but the model config expects {:?}",
+            path.display(),
+            view.shape(),
+            like.shape()
+        );
+    }
+    let values =
+        view_to_f32(view).with_context(|| format!("{}: tensor '{stored}'", path.display()))?;
+    Tensor::from_f32(&values, like.shape(), like.dtype())
 }
 
 /// `LayerNorm.weight` → `LayerNorm.gamma`, `LayerNorm.bias` → `LayerNorm.beta` (TF-era checkpoints).

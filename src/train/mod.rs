@@ -1,4 +1,8 @@
-//! Training: optimizer state over a parameter store.
+//! Training: optimizer state, the learning-rate schedule, checkpoints, and the training loop.
+
+pub mod checkpoint;
+pub mod schedule;
+pub mod trainer;
 
 use anyhow::{bail, Result};
 

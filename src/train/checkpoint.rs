@@ -1,0 +1,106 @@
+//! Files a run writes: atomic replacement, safetensors from parameter stores, the resumable
+//! training checkpoint (parameters, AdamW moments and the loop's state in one file).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::model::params::ParamStore;
+use crate::model::safetensors_io::SafetensorsFile;
+use crate::tensor::Tensor;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("safetensors files are little-endian; kdx writes them from host memory");
+
+/// Writes `path` so that a reader (or a crash) sees the old file or the new one, never a mix: the
+/// bytes go to a temporary file in the same folder, which is flushed to disk and renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+struct View<'a> {
+    tensor: &'a Tensor,
+}
+
+impl safetensors::View for View<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.tensor.shape()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let values = self.tensor.to_vec_f32();
+        std::borrow::Cow::Owned(bytemuck::cast_slice(&values).to_vec())
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * 4
+    }
+}
+
+/// Serialises named tensors (stored as f32) with string metadata.
+pub fn to_safetensors<'a>(
+    tensors: impl IntoIterator<Item = (String, &'a Tensor)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let views: Vec<(String, View)> = tensors
+        .into_iter()
+        .map(|(n, tensor)| (n, View { tensor }))
+        .collect();
+    Ok(safetensors::serialize(views, metadata)?)
+}
+
+const STATE_KEY: &str = "kdx_train_state";
+
+/// Saves parameters, both AdamW moment stores and `state` (JSON in the file's metadata) atomically.
+pub fn save<S: Serialize>(
+    path: &Path,
+    params: &ParamStore,
+    m: &ParamStore,
+    v: &ParamStore,
+    state: &S,
+) -> Result<()> {
+    let mut all: Vec<(String, &Tensor)> = Vec::new();
+    for (prefix, store) in [("param/", params), ("adam_m/", m), ("adam_v/", v)] {
+        all.extend(store.iter().map(|(n, t)| (format!("{prefix}{n}"), t)));
+    }
+    let metadata = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(state)?)]);
+    write_atomic(path, &to_safetensors(all, Some(metadata))?)
+}
+
+/// Loads what [`save`] wrote into stores of the same layout; returns the saved state.
+pub fn load<S: DeserializeOwned>(
+    path: &Path,
+    params: &mut ParamStore,
+    m: &mut ParamStore,
+    v: &mut ParamStore,
+) -> Result<S> {
+    let file = SafetensorsFile::open(path)?;
+    for (prefix, store) in [("param/", params), ("adam_m/", m), ("adam_v/", v)] {
+        file.load_prefixed_into(store, prefix)?;
+    }
+    let Some(state) = file.metadata()?.remove(STATE_KEY) else {
+        bail!(
+            "{}: not a kdx training checkpoint (no {STATE_KEY} metadata)",
+            path.display()
+        );
+    };
+    serde_json::from_str(&state)
+        .with_context(|| format!("{}: unreadable training state", path.display()))
+}
