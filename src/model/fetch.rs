@@ -209,6 +209,8 @@ fn npm_pack(entry: &Entry, dir: &Path, npm: &str) -> Result<()> {
     let status = Command::new(npm)
         .arg("pack")
         .arg(&spec)
+        // Without this npm lists every file of the package.
+        .arg("--loglevel=warn")
         .arg("--pack-destination")
         .arg(dir)
         // npm pack writes nothing else, but keep it out of the user's folder regardless.
