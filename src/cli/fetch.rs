@@ -22,7 +22,8 @@ pub fn run(args: Args) -> Result<()> {
     if args.list {
         for (name, entry) in fetch::manifest()? {
             println!(
-                "{name:<12} {}  [{} {}=={}]",
+                "{name:<14} {:<5} {}  [{} {}=={}]",
+                entry.kind.name(),
                 entry.description,
                 entry.registry.name(),
                 entry.package,

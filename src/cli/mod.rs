@@ -1,8 +1,12 @@
 //! The `kdx` command line: one module per subcommand.
 
 mod bench;
+mod common;
+mod distill;
 mod embed;
+mod eval;
 mod fetch;
+mod finetune;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -13,7 +17,8 @@ use clap::{Parser, Subcommand};
     version,
     about = "Knowledge distillation and compression for transformer models",
     long_about = "kdx trains, distils and benchmarks BERT-family encoders with its own CPU SIMD kernels.\n\
-                  Start with `kdx fetch minilm-l6`, then `kdx embed --model weights/minilm-l6 \"some text\"`."
+                  Start with `kdx fetch minilm-l6`, then `kdx embed --model weights/minilm-l6 \"some text\"`,\n\
+                  or `kdx finetune --model weights/minilm-l6 --task uci-sentiment --out runs/teacher`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,6 +31,12 @@ enum Command {
     Fetch(fetch::Args),
     /// Print sentence embeddings of texts as JSON
     Embed(embed::Args),
+    /// Fine-tune a pre-trained encoder into a classifier on a task
+    Finetune(finetune::Args),
+    /// Distil a fine-tuned teacher into a smaller student
+    Distill(distill::Args),
+    /// Evaluate a trained classifier on a split of a task
+    Eval(eval::Args),
     /// Time every op and a whole training step; print a table or JSON
     Bench(bench::Args),
 }
@@ -34,6 +45,9 @@ pub fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Fetch(args) => fetch::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Finetune(args) => finetune::run(args),
+        Command::Distill(args) => distill::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

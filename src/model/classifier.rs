@@ -135,6 +135,7 @@ impl SequenceClassifier {
 
     /// Accumulates every parameter's gradient into `grads`, given the gradient of the loss with respect
     /// to the logits.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         be: &dyn Backend,

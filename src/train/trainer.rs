@@ -342,13 +342,19 @@ pub fn train(
                     config.patience > 0 && state.evals_since_best >= config.patience;
             }
             append_metrics(&run.metrics(), state.step, epoch + 1, loss, opt.hp.lr, &dev)?;
-            bar.println(format!(
+            let line = format!(
                 "step {:>6}  epoch {}  train loss {loss:.4}  dev {} {score:.4}{}",
                 state.step,
                 epoch + 1,
                 data.metric,
                 if improved { "  (best)" } else { "" }
-            ));
+            );
+            // A hidden bar (stderr not a terminal, as in logs) prints nothing itself.
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
             opt.save_checkpoint(&run.checkpoint(), params, &state)?;
         }
     }

@@ -1,0 +1,106 @@
+//! `kdx finetune`: train a classifier on a task from a pre-trained encoder.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::common::{encode, finish, Report, TaskArgs, TrainArgs};
+use crate::backend::backend;
+use crate::data::Split;
+use crate::model::export::{init_classifier, load_classifier, save_classifier};
+use crate::train::trainer::{evaluate, train, Outcome, RunDir, Targets, TrainConfig, TrainData};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Pre-trained Hugging Face encoder folder (e.g. weights/minilm-l6)
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    task: TaskArgs,
+    /// Run folder: best/ (the best model, a Hugging Face folder), metrics.jsonl, checkpoint, report.json
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Serialize)]
+struct Details<'a> {
+    model: &'a std::path::Path,
+    head: String,
+    #[serde(flatten)]
+    outcome: Outcome,
+    config: TrainConfig,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let be = backend(args.train.device)?;
+    let task = args.task.load()?;
+    let config = args.train.config();
+    let (model, mut params, text) = init_classifier(
+        &args.model,
+        task.num_labels(),
+        args.train.head,
+        None,
+        args.train.max_len,
+        config.seed,
+    )?;
+    let (train_x, train_y) = encode(&text, &task.train)?;
+    let (dev_x, dev_y) = encode(&text, &task.dev)?;
+    let data = TrainData {
+        train: train_x,
+        train_labels: train_y,
+        dev: dev_x,
+        dev_labels: dev_y,
+        num_labels: task.num_labels(),
+        metric: task.metric,
+        pad_id: model.encoder.config.pad_token_id,
+    };
+    let run = RunDir(args.out.clone());
+    let save_best = |p: &_| save_classifier(&run.best(), &model, p, &task.label_names, &args.model);
+    let outcome = train(
+        be,
+        &model,
+        &mut params,
+        &data,
+        &Targets::Labels,
+        &config,
+        &run,
+        args.train.resume,
+        save_best,
+    )?;
+    if outcome.paused {
+        println!(
+            "paused at step {} of {}; continue with --resume",
+            outcome.steps, outcome.total_steps
+        );
+        return Ok(());
+    }
+    let best = load_classifier(&run.best(), args.train.max_len)?;
+    let mut scores = [Split::Dev, Split::Test].into_iter().map(|split| {
+        let (x, y) = encode(&best.text, task.split(split))?;
+        evaluate(be, &best.model, &best.params, &x, &y, data.pad_id)
+    });
+    let (dev, test) = (
+        scores.next().expect("two splits")?,
+        scores.next().expect("two splits")?,
+    );
+    let details = Details {
+        model: &args.model,
+        head: args.train.head.to_string(),
+        outcome,
+        config,
+    };
+    finish(
+        &run,
+        &Report {
+            task: &task.name,
+            method: "finetune",
+            dev,
+            test,
+            details,
+        },
+        task.metric.name(),
+    )
+}
