@@ -16,6 +16,9 @@ pub struct Args {
     /// Pre-trained Hugging Face encoder folder (e.g. weights/minilm-l6)
     #[arg(long)]
     model: PathBuf,
+    /// Keep only the embeddings and the bottom L layers (a small model fine-tuned on its own)
+    #[arg(long)]
+    layers: Option<usize>,
     #[command(flatten)]
     task: TaskArgs,
     /// Run folder: best/ (the best model, a Hugging Face folder), metrics.jsonl, checkpoint, report.json
@@ -28,6 +31,7 @@ pub struct Args {
 #[derive(Serialize)]
 struct Details<'a> {
     model: &'a std::path::Path,
+    layers: Option<usize>,
     head: String,
     #[serde(flatten)]
     outcome: Outcome,
@@ -42,7 +46,7 @@ pub fn run(args: Args) -> Result<()> {
         &args.model,
         task.num_labels(),
         args.train.head,
-        None,
+        args.layers,
         args.train.max_len,
         config.seed,
     )?;
@@ -88,6 +92,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let details = Details {
         model: &args.model,
+        layers: args.layers,
         head: args.train.head.to_string(),
         outcome,
         config,

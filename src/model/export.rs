@@ -167,7 +167,7 @@ pub fn init_classifier(
     if let Some(l) = layers {
         if l == 0 || l > config.num_hidden_layers {
             bail!(
-                "--student-layers {l}: {} has {} layers",
+                "cannot keep {l} layers: {} has {}",
                 dir.display(),
                 config.num_hidden_layers
             );
