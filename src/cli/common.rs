@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::data::{self, Example, LoadOptions, Task};
+use crate::backend::Backend;
+use crate::data::{self, Example, LoadOptions, Split, Task};
 use crate::model::classifier::Head;
+use crate::model::export::load_classifier;
 use crate::model::fetch::default_weights_dir;
 use crate::model::tokenizer::TextEncoder;
 use crate::tensor::Device;
 use crate::train::checkpoint::write_atomic;
-use crate::train::trainer::{Encoded, RunDir, TrainConfig};
+use crate::train::trainer::{evaluate, Encoded, Outcome, RunDir, TrainConfig, TrainData};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct TaskArgs {
@@ -73,7 +75,7 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (0 = off)
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
-    /// Evaluate on dev every N updates (0 = after each epoch only)
+    /// Also evaluate on dev every N updates (0 = after each epoch only)
     #[arg(long, default_value_t = 0)]
     pub eval_every: u64,
     /// Stop after this many evaluations without a better dev metric (0 = never)
@@ -85,14 +87,15 @@ pub struct TrainArgs {
     /// Longest input in tokens (longer texts are truncated)
     #[arg(long, default_value_t = 128)]
     pub max_len: usize,
-    /// What the classifier reads: mean over tokens, the [CLS] vector, or BERT's pooler (the only one
-    /// that predicts identically once loaded in transformers)
+    /// What the classifier reads: mean over tokens, the [CLS] vector, or BERT's pooler. The saved best/
+    /// folder loads in transformers as BertForSequenceClassification either way, but only `pooler`
+    /// predicts identically there (transformers always pools with tanh(dense([CLS])))
     #[arg(long, default_value = "mean")]
     pub head: Head,
     /// Continue the run in --out from its last checkpoint
     #[arg(long)]
     pub resume: bool,
-    /// Pause after this many updates (continue later with --resume)
+    /// Pause once the run has made N updates in all (continue later with --resume)
     #[arg(long)]
     pub stop_after_steps: Option<u64>,
     #[arg(long, default_value = "cpu")]
@@ -124,6 +127,48 @@ pub fn encode(text: &TextEncoder, examples: &[Example]) -> Result<(Vec<Encoded>,
         .map(|e| text.encode(&e.text))
         .collect::<Result<Vec<_>>>()?;
     Ok((encoded, examples.iter().map(|e| e.label).collect()))
+}
+
+/// The tokenised train and dev splits of `task`.
+pub fn train_data(text: &TextEncoder, task: &Task, pad_id: u32) -> Result<TrainData> {
+    let (train, train_labels) = encode(text, &task.train)?;
+    let (dev, dev_labels) = encode(text, &task.dev)?;
+    Ok(TrainData {
+        train,
+        train_labels,
+        dev,
+        dev_labels,
+        num_labels: task.num_labels(),
+        metric: task.metric,
+        pad_id,
+    })
+}
+
+/// True (after saying so) when the run paused before its last update.
+pub fn paused(outcome: &Outcome) -> bool {
+    if outcome.paused {
+        println!(
+            "paused at step {} of {}; continue with --resume",
+            outcome.steps, outcome.total_steps
+        );
+    }
+    outcome.paused
+}
+
+/// Dev and test metrics of the run's best model, as saved in `RUN/best`.
+pub fn score_best(
+    be: &dyn Backend,
+    run: &RunDir,
+    task: &Task,
+    max_len: usize,
+) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
+    let best = load_classifier(&run.best(), max_len)?;
+    let pad = best.model.encoder.config.pad_token_id;
+    let score = |split: Split| {
+        let (x, y) = encode(&best.text, task.split(split))?;
+        evaluate(be, &best.model, &best.params, &x, &y, pad)
+    };
+    Ok((score(Split::Dev)?, score(Split::Test)?))
 }
 
 /// A run folder's exported model (`RUN/best`), or the folder itself when it is a model folder.

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::common::{check_labels, encode, finish, model_dir, Report, TaskArgs, TrainArgs};
-use crate::backend::backend;
-use crate::data::Split;
-use crate::model::export::{init_classifier, load_classifier, save_classifier};
-use crate::train::trainer::{
-    evaluate, predict, train, Outcome, RunDir, Targets, TrainConfig, TrainData,
+use super::common::{
+    check_labels, encode, finish, model_dir, paused, score_best, train_data, Report, TaskArgs,
+    TrainArgs,
 };
+use crate::backend::backend;
+use crate::model::export::{init_classifier, load_classifier, save_classifier};
+use crate::train::trainer::{evaluate, predict, train, Outcome, RunDir, Targets, TrainConfig};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,8 +87,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     eprintln!("computing soft targets with {} …", source.dir.display());
     let (source_x, _) = encode(&source.text, &task.train)?;
+    let source_pad = source.model.encoder.config.pad_token_id;
     let teacher_logits =
-        predict(be, &source.model, &source.params, &source_x, pad, 64)?.to_vec_f32();
+        predict(be, &source.model, &source.params, &source_x, source_pad, 64)?.to_vec_f32();
 
     let (model, mut params, text) = init_classifier(
         &args.student,
@@ -98,17 +99,7 @@ pub fn run(args: Args) -> Result<()> {
         args.train.max_len,
         config.seed,
     )?;
-    let (train_x, train_y) = encode(&text, &task.train)?;
-    let (dev_x, dev_y) = encode(&text, &task.dev)?;
-    let data = TrainData {
-        train: train_x,
-        train_labels: train_y,
-        dev: dev_x,
-        dev_labels: dev_y,
-        num_labels: task.num_labels(),
-        metric: task.metric,
-        pad_id: model.encoder.config.pad_token_id,
-    };
+    let data = train_data(&text, &task, model.encoder.config.pad_token_id)?;
     let targets = Targets::Distill {
         teacher_logits: &teacher_logits,
         alpha: args.alpha,
@@ -128,22 +119,10 @@ pub fn run(args: Args) -> Result<()> {
         args.train.resume,
         save_best,
     )?;
-    if outcome.paused {
-        println!(
-            "paused at step {} of {}; continue with --resume",
-            outcome.steps, outcome.total_steps
-        );
+    if paused(&outcome) {
         return Ok(());
     }
-    let best = load_classifier(&run.best(), args.train.max_len)?;
-    let mut scores = [Split::Dev, Split::Test].into_iter().map(|split| {
-        let (x, y) = encode(&best.text, task.split(split))?;
-        evaluate(be, &best.model, &best.params, &x, &y, data.pad_id)
-    });
-    let (dev, test) = (
-        scores.next().expect("two splits")?,
-        scores.next().expect("two splits")?,
-    );
+    let (dev, test) = score_best(be, &run, &task, args.train.max_len)?;
     let details = Details {
         teacher: teacher_dir,
         teacher_test,

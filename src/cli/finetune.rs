@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::common::{encode, finish, Report, TaskArgs, TrainArgs};
+use super::common::{finish, paused, score_best, train_data, Report, TaskArgs, TrainArgs};
 use crate::backend::backend;
-use crate::data::Split;
-use crate::model::export::{init_classifier, load_classifier, save_classifier};
-use crate::train::trainer::{evaluate, train, Outcome, RunDir, Targets, TrainConfig, TrainData};
+use crate::model::export::{init_classifier, save_classifier};
+use crate::train::trainer::{train, Outcome, RunDir, Targets, TrainConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,17 +49,7 @@ pub fn run(args: Args) -> Result<()> {
         args.train.max_len,
         config.seed,
     )?;
-    let (train_x, train_y) = encode(&text, &task.train)?;
-    let (dev_x, dev_y) = encode(&text, &task.dev)?;
-    let data = TrainData {
-        train: train_x,
-        train_labels: train_y,
-        dev: dev_x,
-        dev_labels: dev_y,
-        num_labels: task.num_labels(),
-        metric: task.metric,
-        pad_id: model.encoder.config.pad_token_id,
-    };
+    let data = train_data(&text, &task, model.encoder.config.pad_token_id)?;
     let run = RunDir(args.out.clone());
     let save_best = |p: &_| save_classifier(&run.best(), &model, p, &task.label_names, &args.model);
     let outcome = train(
@@ -74,22 +63,10 @@ pub fn run(args: Args) -> Result<()> {
         args.train.resume,
         save_best,
     )?;
-    if outcome.paused {
-        println!(
-            "paused at step {} of {}; continue with --resume",
-            outcome.steps, outcome.total_steps
-        );
+    if paused(&outcome) {
         return Ok(());
     }
-    let best = load_classifier(&run.best(), args.train.max_len)?;
-    let mut scores = [Split::Dev, Split::Test].into_iter().map(|split| {
-        let (x, y) = encode(&best.text, task.split(split))?;
-        evaluate(be, &best.model, &best.params, &x, &y, data.pad_id)
-    });
-    let (dev, test) = (
-        scores.next().expect("two splits")?,
-        scores.next().expect("two splits")?,
-    );
+    let (dev, test) = score_best(be, &run, &task, args.train.max_len)?;
     let details = Details {
         model: &args.model,
         layers: args.layers,

@@ -11,7 +11,7 @@ use super::config::BertConfig;
 use super::params::ParamStore;
 use super::safetensors_io::SafetensorsFile;
 use super::tokenizer::TextEncoder;
-use crate::train::checkpoint::{to_safetensors, write_atomic};
+use crate::train::checkpoint::{parent_dir, shared_temp, sync_dir, to_safetensors, write_atomic};
 
 /// Tokenizer files copied alongside a saved model when the source folder has them.
 const TOKENIZER_FILES: [&str; 4] = [
@@ -38,15 +38,10 @@ pub fn save_classifier(
     label_names: &[String],
     tokenizer_from: &Path,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = parent_dir(dir);
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".saving-")
-        .tempdir_in(parent)?;
+    let staging = shared_temp(true).prefix(".saving-").tempdir_in(parent)?;
 
     let mut config = serde_json::to_value(&model.encoder.config)?;
     let extra = json!({
@@ -83,25 +78,55 @@ pub fn save_classifier(
     replace_dir(staging.keep(), dir)
 }
 
-/// Moves the finished folder `new` to `dir`; an old `dir` is moved aside first and removed after.
+/// Moves the finished folder `new` to `dir`. An existing `dir` is swapped with it in one atomic
+/// rename where the system has one (Linux `renameat2(RENAME_EXCHANGE)`), so `dir` is never missing,
+/// and the old contents are removed afterwards.
 fn replace_dir(new: PathBuf, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        let old = dir.with_file_name(format!(
-            ".{}.old-{}",
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
-            std::process::id()
-        ));
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("cannot move {} aside", dir.display()))?;
-        std::fs::rename(&new, dir)
-            .with_context(|| format!("cannot move the new model to {}", dir.display()))?;
-        std::fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot remove {}", old.display()))?;
+    if dir.exists() && exchange(&new, dir)? {
+        std::fs::remove_dir_all(&new)
+            .with_context(|| format!("cannot remove the old {}", new.display()))?;
     } else {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot remove the old {}", dir.display()))?;
+        }
         std::fs::rename(&new, dir)
             .with_context(|| format!("cannot move the new model to {}", dir.display()))?;
     }
-    Ok(())
+    sync_dir(parent_dir(dir))
+}
+
+/// Swaps two paths atomically; false where the system cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).context("path with a NUL byte");
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD makes them relative to the working folder.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        // Not supported by this file system or kernel: fall back to remove + rename.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => Ok(false),
+        _ => Err(err).with_context(|| format!("cannot swap {} into {}", a.display(), b.display())),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> Result<bool> {
+    Ok(false)
 }
 
 /// A classifier and everything needed to run it.

@@ -16,22 +16,51 @@ use crate::tensor::Tensor;
 #[cfg(not(target_endian = "little"))]
 compile_error!("safetensors files are little-endian; kdx writes them from host memory");
 
+/// The folder holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Flushes a folder's entries (a rename is only durable once its folder is).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot flush {}", dir.display()))
+}
+
 /// Writes `path` so that a reader (or a crash) sees the old file or the new one, never a mix: the
 /// bytes go to a temporary file in the same folder, which is flushed to disk and renamed over `path`.
+/// The file is readable by everyone, like any file written with the default umask.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut tmp = shared_temp(false)
+        .tempfile_in(dir)
         .with_context(|| format!("cannot write in {}", dir.display()))?;
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
     tmp.persist(path)
         .with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(())
+    sync_dir(dir)
+}
+
+/// A temporary-file builder whose files (`0644`) and folders (`0755`) others can read, as files
+/// written normally are: the `tempfile` default is owner-only.
+pub fn shared_temp(dir_mode: bool) -> tempfile::Builder<'static, 'static> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(if dir_mode {
+            0o755
+        } else {
+            0o644
+        }));
+    }
+    builder
 }
 
 struct View<'a> {

@@ -27,10 +27,6 @@ impl AdamWState {
         }
     }
 
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
     /// One update of every parameter from `grads`.
     pub fn update(
         &mut self,

@@ -3,8 +3,9 @@
 //! metrics, and checkpoints from which `--resume` continues exactly where a killed run stopped.
 //!
 //! Everything a step depends on is a function of (seed, step): the data order of an epoch, the dropout
-//! masks, the learning rate. A checkpoint holds the parameters, the AdamW moments and the loop's
-//! state, so a resumed run computes the same numbers as one that never stopped.
+//! masks, the learning rate. A checkpoint (written at every evaluation and when a run pauses) holds the
+//! parameters, the AdamW moments and the loop's state, so a run resumed from it computes the same
+//! numbers as one that never stopped; a killed run loses the updates since its last evaluation.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -41,12 +42,13 @@ pub struct TrainConfig {
     pub max_grad_norm: f32,
     /// Micro-batches per update (the update sees `batch_size · grad_accum` examples).
     pub grad_accum: usize,
-    /// Evaluate every this many updates (0 = at the end of each epoch only).
+    /// Also evaluate every this many updates (0 = at the end of each epoch only).
     pub eval_every: u64,
     /// Stop after this many evaluations without a better dev metric (0 = never).
     pub patience: usize,
     pub seed: u64,
-    /// Pause after this many updates (the schedule still spans every epoch); `--resume` continues.
+    /// Pause once the run has made this many updates in all (the schedule still spans every epoch);
+    /// `--resume` continues.
     pub stop_after: Option<u64>,
 }
 
@@ -73,14 +75,51 @@ pub struct TrainData {
     pub pad_id: u32,
 }
 
+/// What must not change between a run and its resumption: the settings and the training data.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct RunIdentity {
+    /// The training settings, `stop_after` excluded (pausing differently is allowed).
+    config: Option<TrainConfig>,
+    train_examples: usize,
+    /// FNV-1a of every training example's ids and label.
+    train_hash: u64,
+}
+
+impl RunIdentity {
+    fn of(config: &TrainConfig, data: &TrainData) -> RunIdentity {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |v: u32| {
+            for b in v.to_le_bytes() {
+                hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for ((ids, types), &label) in data.train.iter().zip(&data.train_labels) {
+            ids.iter().chain(types).for_each(|&v| eat(v));
+            eat(u32::MAX);
+            eat(label);
+        }
+        RunIdentity {
+            config: Some(TrainConfig {
+                stop_after: None,
+                ..config.clone()
+            }),
+            train_examples: data.train.len(),
+            train_hash: hash,
+        }
+    }
+}
+
 /// The loop's own state, saved in every checkpoint.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct LoopState {
+    identity: RunIdentity,
     step: u64,
     best_dev: Option<f64>,
     best_step: u64,
     evals_since_best: usize,
     stopped_early: bool,
+    /// Sum and count of the update losses since the last evaluation (its `train_loss` is their mean).
+    loss_since_eval: (f64, u64),
     train_seconds: f64,
 }
 
@@ -155,7 +194,7 @@ pub fn evaluate(
     pad_id: u32,
 ) -> Result<BTreeMap<String, f64>> {
     if examples.is_empty() {
-        bail!("cannot evaluate on an empty split");
+        bail!("cannot evaluate on an empty split (no labelled examples)");
     }
     let logits = predict(be, model, params, examples, pad_id, 64)?;
     let (loss, _) = be.cross_entropy(&logits, labels)?;
@@ -209,6 +248,13 @@ pub fn train(
     if config.batch_size == 0 || config.grad_accum == 0 || config.epochs == 0 {
         bail!("--batch-size, --grad-accum and --epochs must be at least 1");
     }
+    // Micro-batch indices share 8 bits of the dropout seed with the step number.
+    if config.grad_accum > 256 {
+        bail!(
+            "--grad-accum {} is above 256; use a larger --batch-size instead",
+            config.grad_accum
+        );
+    }
     let per_update = config.batch_size * config.grad_accum;
     let updates_per_epoch = data.train.len().div_ceil(per_update) as u64;
     let total = updates_per_epoch * config.epochs as u64;
@@ -223,7 +269,11 @@ pub fn train(
     std::fs::create_dir_all(&run.0)
         .with_context(|| format!("cannot create {}", run.0.display()))?;
 
-    let mut state = LoopState::default();
+    let identity = RunIdentity::of(config, data);
+    let mut state = LoopState {
+        identity: identity.clone(),
+        ..LoopState::default()
+    };
     if resume {
         if !run.checkpoint().exists() {
             bail!(
@@ -232,14 +282,31 @@ pub fn train(
             );
         }
         state = opt.load_checkpoint(&run.checkpoint(), params)?;
+        if state.identity != identity {
+            bail!(
+                "--resume: {} was started with other settings or data ({:?} on {} examples) than now ({:?} on {}); \
+                 resume with the original flags, or start a new run in another --out",
+                run.0.display(),
+                state.identity.config,
+                state.identity.train_examples,
+                identity.config,
+                identity.train_examples
+            );
+        }
         truncate_metrics(&run.metrics(), state.step)?;
         eprintln!(
             "resuming {} at step {} of {total}",
             run.0.display(),
             state.step
         );
+    } else if run.checkpoint().exists() || run.best().exists() {
+        bail!(
+            "{} already holds a run; pass --resume to continue it, or choose another --out",
+            run.0.display()
+        );
     } else if run.metrics().exists() {
-        std::fs::remove_file(run.metrics())?;
+        std::fs::remove_file(run.metrics())
+            .with_context(|| format!("cannot remove {}", run.metrics().display()))?;
     }
 
     let bar = ProgressBar::new(total).with_position(state.step);
@@ -304,6 +371,8 @@ pub fn train(
             loss_sum += loss * micro.len() as f64;
         }
         let loss = loss_sum / examples.len() as f64;
+        state.loss_since_eval.0 += loss;
+        state.loss_since_eval.1 += 1;
         if !loss.is_finite() {
             bail!(
                 "the training loss is {loss} at step {}: training diverged (try a lower --lr)",
@@ -325,9 +394,9 @@ pub fn train(
             tokens as f64 / t0.elapsed().as_secs_f64()
         ));
 
-        let epoch_end = state.step % updates_per_epoch == 0;
-        let periodic = config.eval_every > 0 && state.step % config.eval_every == 0;
-        if epoch_end || periodic || state.step == total {
+        let epoch_end = state.step.is_multiple_of(updates_per_epoch);
+        let periodic = config.eval_every > 0 && state.step.is_multiple_of(config.eval_every);
+        if epoch_end || periodic {
             let dev = evaluate(be, model, params, &data.dev, &data.dev_labels, data.pad_id)?;
             let score = dev[data.metric.name()];
             let improved = state.best_dev.is_none_or(|b| score > b);
@@ -341,9 +410,18 @@ pub fn train(
                 state.stopped_early =
                     config.patience > 0 && state.evals_since_best >= config.patience;
             }
-            append_metrics(&run.metrics(), state.step, epoch + 1, loss, opt.hp.lr, &dev)?;
+            let train_loss = state.loss_since_eval.0 / state.loss_since_eval.1.max(1) as f64;
+            state.loss_since_eval = (0.0, 0);
+            append_metrics(
+                &run.metrics(),
+                state.step,
+                epoch + 1,
+                train_loss,
+                opt.hp.lr,
+                &dev,
+            )?;
             let line = format!(
-                "step {:>6}  epoch {}  train loss {loss:.4}  dev {} {score:.4}{}",
+                "step {:>6}  epoch {}  train loss {train_loss:.4}  dev {} {score:.4}{}",
                 state.step,
                 epoch + 1,
                 data.metric,
@@ -409,6 +487,7 @@ fn clip_gradients(be: &dyn Backend, grads: &mut ParamStore, max_norm: f32) -> Re
 struct MetricsLine<'a> {
     step: u64,
     epoch: u64,
+    /// Mean loss of the updates since the previous evaluation.
     train_loss: f64,
     lr: f32,
     dev: &'a BTreeMap<String, f64>,
@@ -434,7 +513,7 @@ fn append_metrics(
         .append(true)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(file, "{line}")?;
+    writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -443,7 +522,8 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let text = std::fs::read_to_string(path)?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let kept: String = text
         .lines()
         .filter(|l| {
@@ -458,14 +538,14 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 }
 
 impl AdamWState {
+    /// The optimizer's step count is the loop's, so it is restored from the state.
     fn save_checkpoint(&self, path: &Path, params: &ParamStore, state: &LoopState) -> Result<()> {
-        checkpoint::save(path, params, &self.m, &self.v, &(state, self.step))
+        checkpoint::save(path, params, &self.m, &self.v, state)
     }
 
     fn load_checkpoint(&mut self, path: &Path, params: &mut ParamStore) -> Result<LoopState> {
-        let (state, step): (LoopState, u64) =
-            checkpoint::load(path, params, &mut self.m, &mut self.v)?;
-        self.step = step;
+        let state: LoopState = checkpoint::load(path, params, &mut self.m, &mut self.v)?;
+        self.step = state.step;
         Ok(state)
     }
 }
