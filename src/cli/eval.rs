@@ -26,6 +26,9 @@ pub struct Args {
     /// Longest input in tokens
     #[arg(long, default_value_t = 128)]
     max_len: usize,
+    /// Also write the result to this JSON file
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
@@ -46,10 +49,9 @@ pub fn run(args: Args) -> Result<()> {
         loaded.model.encoder.config.pad_token_id,
     )?;
     let result = json!({"task": task.name, "split": args.split.name(), "model": dir, "metric": task.metric.name(), args.split.name(): metrics});
-    let out = args
-        .model
-        .join(format!("eval-{}-{}.json", task.name, args.split.name()));
-    write_atomic(&out, serde_json::to_string_pretty(&result)?.as_bytes())?;
+    if let Some(out) = &args.out {
+        write_atomic(out, serde_json::to_string_pretty(&result)?.as_bytes())?;
+    }
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
