@@ -282,11 +282,42 @@ fn wic_marks_the_word_by_character_offsets() {
     );
 }
 
+/// FNV-1a (64-bit) over the split's `text\tlabel\n` lines, in order.
+fn fingerprint(split: &[Example]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for e in split {
+        for b in format!("{}\t{}\n", e.text, e.label).bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The 90/10 split of an official train file is pinned across machines and releases: the same
+/// folder gives exactly these splits, in this order.
 #[test]
-fn the_same_folder_gives_the_same_splits() {
-    let a = load("mnli", "glue/MNLI");
-    let b = load("mnli", "glue/MNLI");
-    assert!(a.train == b.train && a.dev == b.dev && a.test == b.test);
+fn the_glue_train_dev_split_is_golden() {
+    let t = load("mnli", "glue/MNLI");
+    assert_eq!(
+        t.train[..3],
+        [
+            ex("hypothesis: Slate had an opinion on Jackson's findings. premise: (Read  for Slate 's take on Jackson's findings.)", 0),
+            ex("hypothesis: The tourist information office is at the end of Rue des Francs-Bourgeois. premise: At the end of Rue des Francs-Bourgeois is what many consider to be the city's most handsome residential square.", 1),
+            ex("hypothesis: Everyone really likes the newest benefits premise: The new rights are nice enough", 2),
+        ]
+    );
+    assert_eq!(
+        t.dev,
+        [
+            ex("hypothesis: All of the questions were interesting according to a focus group consulted on the subject. premise: It's not that the questions they asked weren't interesting or legitimate.", 2),
+            ex("hypothesis: You lose the things to the following level if the people recall. premise: you know during the season and i guess at at your level uh you lose them to the next level if if they decide to recall the the parent team the Braves decide to call to recall a guy from triple A then a double A guy goes up to replace him and a single A guy goes up to replace him", 0),
+            ex("hypothesis: The 12th Dynasty was when Thebes lost power. premise: Thebes held onto power until the 12th Dynasty.", 1),
+        ]
+    );
+    assert_eq!(fingerprint(&t.train), 0xe05a_35bc_af70_8767);
+    assert_eq!(fingerprint(&t.dev), 0x69ef_bfc0_c943_9ed8);
+    assert_eq!(fingerprint(&t.test), 0x3f4b_3267_dfa1_9ad8);
 }
 
 // ---- custom -----------------------------------------------------------------------------------
@@ -469,6 +500,69 @@ fn bad_custom_lines() {
     let t = load_task("custom", &options(&dir, true)).unwrap();
     assert_eq!(t.skipped_lines, 1);
     assert_eq!(t.dev, [ex("sentence: Okay phone.", 1)]);
+}
+
+#[test]
+fn an_unclosed_csv_quote_is_a_bad_line_not_a_swallowed_file() {
+    // Line 4 opens a quote that nothing closes: the CSV parser alone would read lines 4 to 9 as one
+    // text and drop the 4 examples after it without a word.
+    let csv = fixture("bad/unclosed_quote.csv");
+    let err = load_err("custom", &csv);
+    let want = format!("{}:4: unclosed quote starting here", csv.display());
+    assert!(err.contains(&want), "{err}\nwant: {want}");
+    let t = load_task("custom", &options(&csv, true)).unwrap();
+    assert_eq!(t.skipped_lines, 1);
+    assert_eq!(t.train.len() + t.dev.len() + t.test.len(), 2);
+
+    // The same in the built-in polarity loader (`--data DIR` with the fetched file's name).
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("polarity-en-pang&lee2.csv");
+    let mut text = String::new();
+    for i in 0..10 {
+        text.push_str(&format!("1,\"good film {i}\"\n-1,bad film {i}\n"));
+    }
+    text.push_str("1,\"a stray quote\n");
+    for i in 0..5 {
+        text.push_str(&format!("1,fine film {i}\n"));
+    }
+    std::fs::write(&file, text).unwrap();
+    let err = load_err("polarity", tmp.path());
+    let want = format!("{}:21: unclosed quote starting here", file.display());
+    assert!(err.contains(&want), "{err}\nwant: {want}");
+    let t = load_task("polarity", &options(tmp.path(), true)).unwrap();
+    assert_eq!(t.skipped_lines, 1);
+    assert_eq!(t.train.len() + t.dev.len() + t.test.len(), 20);
+}
+
+#[test]
+fn custom_data_needs_two_labels() {
+    let csv = fixture("bad/one_label.csv");
+    let err = load_err("custom", &csv);
+    let want = format!(
+        "{}: needs at least 2 labels, found only 'pos'",
+        csv.display()
+    );
+    assert!(err.contains(&want), "{err}\nwant: {want}");
+
+    // In a folder, the training file decides, even where dev holds another label.
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.jsonl");
+    std::fs::write(
+        &train,
+        "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("dev.jsonl"),
+        "{\"text\": \"c\", \"label\": 0}\n",
+    )
+    .unwrap();
+    let err = load_err("custom", tmp.path());
+    let want = format!(
+        "{}: needs at least 2 labels, found only '1'",
+        train.display()
+    );
+    assert!(err.contains(&want), "{err}\nwant: {want}");
 }
 
 #[test]

@@ -32,19 +32,11 @@ pub(crate) fn load(name: &str, opts: &LoadOptions, bad: &mut BadLines) -> Result
 
 /// `--data DIR` where given, else the `kdx fetch` folder, installed now if missing.
 fn folder(name: &str, opts: &LoadOptions) -> Result<PathBuf> {
-    match &opts.data {
-        Some(dir) => {
-            if !dir.is_dir() {
-                anyhow::bail!(
-                    "--data {}: no such folder (task {name} expects the folder `kdx fetch {name}` installs)",
-                    dir.display()
-                );
-            }
-            Ok(dir.clone())
-        }
-        None => crate::model::fetch::fetch(name, &opts.weights_dir)
-            .with_context(|| format!("task {name} needs its data set: `kdx fetch {name}` failed")),
+    if opts.data.is_some() {
+        return read::data_dir(name, opts, &format!("files `kdx fetch {name}` installs"));
     }
+    crate::model::fetch::fetch(name, &opts.weights_dir)
+        .with_context(|| format!("task {name} needs its data set: `kdx fetch {name}` failed"))
 }
 
 /// One UCI file: a JSON array of `{"text": …, "class": 0 | 1}`, closed by an empty
@@ -95,40 +87,11 @@ fn uci_entry(entry: &Value) -> std::result::Result<Example, String> {
 /// Pang & Lee's CSV: no header, `label,text` rows with label `-1` or `1`, quoted texts that may hold
 /// newlines and doubled quotes.
 fn polarity_file(path: &Path, bad: &mut BadLines) -> Result<Vec<Example>> {
-    let file = read::open(path, &format!("the file `kdx fetch {POLARITY}` installs"))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(file);
-    let mut out = Vec::new();
-    let mut record = csv::ByteRecord::new();
-    loop {
-        let line = reader.position().line();
-        match reader.read_byte_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                bad.bad(
-                    &read::at(path, line as usize),
-                    &format!("unreadable CSV ({e})"),
-                )?;
-                continue;
-            }
-        }
-        let line = record.position().map_or(line, |p| p.line()) as usize;
-        match polarity_row(&record) {
-            Ok(Some(e)) => out.push(e),
-            Ok(None) => {}
-            Err(msg) => bad.bad(&read::at(path, line), &msg)?,
-        }
-    }
-    Ok(out)
+    let expected = format!("the file `kdx fetch {POLARITY}` installs");
+    read::CsvFile::open(path, &expected)?.records(bad, |_, record| polarity_row(record))
 }
 
-fn polarity_row(record: &csv::ByteRecord) -> std::result::Result<Option<Example>, String> {
-    if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
-        return Ok(None);
-    }
+fn polarity_row(record: &csv::ByteRecord) -> std::result::Result<Example, String> {
     if record.len() != 2 {
         return Err(format!("{} fields, expected 2 (label, text)", record.len()));
     }
@@ -138,8 +101,8 @@ fn polarity_row(record: &csv::ByteRecord) -> std::result::Result<Option<Example>
     if text.is_empty() {
         return Err("empty text".into());
     }
-    Ok(Some(Example {
+    Ok(Example {
         text: read::render(&[("sentence", text)]),
         label,
-    }))
+    })
 }

@@ -120,7 +120,7 @@ fn read_any(path: &Path, bad: &mut BadLines) -> Result<Vec<Raw>> {
     }
 }
 
-/// The sorted distinct labels: numerically when every label is an integer.
+/// The sorted distinct labels: numerically when every label is an integer. Fewer than 2 is an error.
 fn label_names(raw: &[Raw], path: &Path) -> Result<Vec<String>> {
     if raw.is_empty() {
         bail!(
@@ -131,6 +131,12 @@ fn label_names(raw: &[Raw], path: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = raw.iter().map(|r| r.label.clone()).collect();
     names.sort();
     names.dedup();
+    if let [only] = names.as_slice() {
+        bail!(
+            "{}: needs at least 2 labels, found only '{only}' (a classifier needs examples of every class it is to tell apart)",
+            path.display()
+        );
+    }
     let numbers: Option<Vec<i64>> = names.iter().map(|n| n.parse().ok()).collect();
     if let Some(numbers) = numbers {
         let mut pairs: Vec<(i64, String)> = numbers.into_iter().zip(names).collect();
@@ -156,44 +162,20 @@ fn with_ids(raw: Vec<Raw>, label_names: &[String], bad: &mut BadLines) -> Result
 }
 
 fn read_csv(path: &Path, bad: &mut BadLines) -> Result<Vec<Raw>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(read::open(path, EXPECTED)?);
-    let header: Vec<String> = match reader.byte_headers() {
-        Ok(h) => h
-            .iter()
-            .map(|c| String::from_utf8_lossy(c).trim().to_lowercase())
-            .collect(),
-        Err(e) => bail!("{}:1: unreadable CSV header ({e})", path.display()),
-    };
+    let mut file = read::CsvFile::open(path, EXPECTED)?;
+    let (header_line, header) = file.header()?;
     let column = |name: &str| -> Result<usize> {
         match header.iter().position(|h| h == name) {
             Some(i) => Ok(i),
             None => bail!(
-                "{}:1: the header has no '{name}' column (found: {}); a custom data set's CSV needs `text` and `label` columns",
-                path.display(),
+                "{}: the header has no '{name}' column (found: {}); a custom data set's CSV needs `text` and `label` columns",
+                read::at(path, header_line),
                 header.join(", ")
             ),
         }
     };
     let (text_col, label_col) = (column("text")?, column("label")?);
-    let mut out = Vec::new();
-    let mut record = csv::ByteRecord::new();
-    loop {
-        let line = reader.position().line() as usize;
-        match reader.read_byte_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                bad.bad(&read::at(path, line), &format!("unreadable CSV ({e})"))?;
-                continue;
-            }
-        }
-        let line = record.position().map_or(line, |p| p.line() as usize);
-        if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
-            continue;
-        }
+    file.records(bad, |line, record| {
         let cell = |i: usize, name: &str| -> std::result::Result<&str, String> {
             let Some(bytes) = record.get(i) else {
                 return Err(format!(
@@ -208,49 +190,36 @@ fn read_csv(path: &Path, bad: &mut BadLines) -> Result<Vec<Raw>> {
                 Err(_) => Err(format!("field '{name}' is {}", read::NOT_UTF8)),
             }
         };
-        let at = read::at(path, line);
-        match cell(text_col, "text").and_then(|t| Ok((t, cell(label_col, "label")?))) {
-            Ok((text, label)) => out.push(Raw {
-                text: read::render(&[("sentence", text)]),
-                label: label.to_string(),
-                at,
-            }),
-            Err(msg) => bad.bad(&at, &msg)?,
-        }
-    }
-    Ok(out)
+        let text = cell(text_col, "text")?;
+        let label = cell(label_col, "label")?;
+        Ok(Raw {
+            text: read::render(&[("sentence", text)]),
+            label: label.to_string(),
+            at: read::at(path, line),
+        })
+    })
 }
 
 fn read_jsonl(path: &Path, bad: &mut BadLines) -> Result<Vec<Raw>> {
-    let reader = read::open(path, EXPECTED)?;
-    let mut out = Vec::new();
-    for item in read::lines(path, reader) {
-        let (n, line) = item?;
-        let parsed = line
-            .map_err(|()| read::NOT_UTF8.to_string())
-            .and_then(|line| read::json_object(&line))
-            .and_then(|obj| {
-                let text = read::json_text(&obj, "text")?;
-                let label = match obj.get("label") {
-                    None | Some(Value::Null) => return Err("missing field 'label'".to_string()),
-                    Some(Value::String(s)) if s.trim().is_empty() => {
-                        return Err("empty field 'label'".to_string())
-                    }
-                    Some(Value::String(s)) => s.trim().to_string(),
-                    Some(Value::Number(x)) if x.is_i64() || x.is_u64() => x.to_string(),
-                    Some(other) => {
-                        return Err(format!(
-                            "the label must be a string or an integer, found {other}"
-                        ))
-                    }
-                };
-                Ok((read::render(&[("sentence", text)]), label))
-            });
-        let at = read::at(path, n);
-        match parsed {
-            Ok((text, label)) => out.push(Raw { text, label, at }),
-            Err(msg) => bad.bad(&at, &msg)?,
-        }
-    }
-    Ok(out)
+    read::jsonl(path, EXPECTED, bad, |line, obj| {
+        let text = read::json_text(obj, "text")?;
+        let label = match obj.get("label") {
+            None | Some(Value::Null) => return Err("missing field 'label'".to_string()),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                return Err("empty field 'label'".to_string())
+            }
+            Some(Value::String(s)) => s.trim().to_string(),
+            Some(Value::Number(x)) if x.is_i64() || x.is_u64() => x.to_string(),
+            Some(other) => {
+                return Err(format!(
+                    "the label must be a string or an integer, found {other}"
+                ))
+            }
+        };
+        Ok(Raw {
+            text: read::render(&[("sentence", text)]),
+            label,
+            at: read::at(path, line),
+        })
+    })
 }

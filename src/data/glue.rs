@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use super::metrics::Metric;
 use super::read::{self, BadLines};
-use super::{stratified_split, Example, Task, TRAIN_DEV_SPLIT};
+use super::{split_train_dev, Example, Task};
 
 pub(crate) const NAMES: [&str; 7] = ["cola", "sst2", "mrpc", "rte", "qnli", "qqp", "mnli"];
 
@@ -119,16 +119,13 @@ pub(crate) fn load(name: &str, dir: &Path, bad: &mut BadLines) -> Result<Task> {
     let s = spec(name);
     let train_all = read_tsv(&s, &dir.join("train.tsv"), bad)?;
     let test = read_tsv(&s, &dir.join(s.dev_file), bad)?;
-    let mut parts = stratified_split(train_all, &TRAIN_DEV_SPLIT, s.raw_labels.len()).into_iter();
-    Ok(Task {
-        name: name.to_string(),
-        label_names: s.label_names.iter().map(|n| n.to_string()).collect(),
-        metric: s.metric,
-        train: parts.next().unwrap_or_default(),
-        dev: parts.next().unwrap_or_default(),
+    Ok(split_train_dev(
+        name,
+        s.label_names.iter().map(|n| n.to_string()).collect(),
+        s.metric,
+        train_all,
         test,
-        skipped_lines: 0,
-    })
+    ))
 }
 
 fn read_tsv(s: &Spec, path: &Path, bad: &mut BadLines) -> Result<Vec<Example>> {

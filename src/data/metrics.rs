@@ -13,9 +13,11 @@ pub enum Metric {
     Accuracy,
     /// Matthews correlation (Gorodkin's multi-class form; the usual MCC for two classes).
     Mcc,
-    /// F1 of class 1, the positive class of binary tasks (MRPC, QQP).
+    /// F1 of class 1, the positive class of binary tasks (MRPC, QQP); meaningless for more classes.
     F1,
-    /// Unweighted mean of the per-class F1.
+    /// Unweighted mean of the per-class F1 over the classes present in the gold labels or the
+    /// predictions: a class absent from both is left out (as scikit-learn's `f1_score(average="macro")`
+    /// does), not counted as an F1 of 0.
     MacroF1,
 }
 
@@ -36,7 +38,13 @@ impl Metric {
             Metric::Accuracy => c.accuracy(),
             Metric::Mcc => c.mcc(),
             Metric::F1 => c.f1(1),
-            Metric::MacroF1 => (0..c.classes).map(|k| c.f1(k)).sum::<f64>() / c.classes as f64,
+            Metric::MacroF1 => {
+                let seen: Vec<usize> = (0..c.classes)
+                    .filter(|&k| c.gold_count(k) + c.predicted_count(k) > 0.0)
+                    .collect();
+                let sum: f64 = seen.iter().map(|&k| c.f1(k)).sum();
+                ratio(sum, seen.len() as f64)
+            }
         }
     }
 }
@@ -140,7 +148,8 @@ fn ratio(num: f64, den: f64) -> f64 {
     }
 }
 
-/// Every metric by name, for reports.
+/// Every metric that means something for `classes` classes, by name, for reports: "f1" (of class 1)
+/// only for two classes.
 pub fn all_metrics(
     gold: &[u32],
     predicted: &[u32],
@@ -149,6 +158,7 @@ pub fn all_metrics(
     let c = Confusion::new(gold, predicted, classes)?;
     Ok(Metric::ALL
         .iter()
+        .filter(|&&m| m != Metric::F1 || classes == 2)
         .map(|m| (m.name().to_string(), m.compute(&c)))
         .collect())
 }
@@ -189,6 +199,26 @@ mod tests {
         ));
         // Gorodkin: c=4, s=6, p=(2,3,1), t=(2,2,2): (24 − 12)/√((36 − 14)(36 − 12))
         assert!(close(c.mcc(), 12.0 / (22.0f64 * 24.0).sqrt()));
+        // F1 of class 1 says nothing about three classes: not reported.
+        let m = all_metrics(&gold, &pred, 3).unwrap();
+        let names: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(names, ["accuracy", "macro_f1", "mcc"]);
+    }
+
+    #[test]
+    fn macro_f1_leaves_out_classes_never_seen() {
+        // Class 2 is in neither gold nor predictions (a small dev split of a 3-class task):
+        // scikit-learn's macro F1 averages over classes 0 and 1 only.
+        let gold = [0, 0, 0, 1, 1];
+        let pred = [0, 0, 1, 1, 1];
+        let c = Confusion::new(&gold, &pred, 3).unwrap();
+        // class 0: TP 2, 3 gold, 2 predicted: 4/5; class 1: TP 2, 2 gold, 3 predicted: 4/5.
+        assert!(close(c.f1(0), 0.8) && close(c.f1(1), 0.8) && close(c.f1(2), 0.0));
+        assert!(close(Metric::MacroF1.compute(&c), (0.8 + 0.8) / 2.0));
+        // A class predicted but never gold counts (F1 0), as in scikit-learn.
+        let c = Confusion::new(&gold, &[0, 0, 2, 1, 1], 3).unwrap();
+        // class 0: 2·2/(3+2) = 0.8; class 1: 2·2/(2+2) = 1; class 2: 0.
+        assert!(close(Metric::MacroF1.compute(&c), (0.8 + 1.0 + 0.0) / 3.0));
     }
 
     #[test]

@@ -20,14 +20,15 @@
 //!   built-in tasks; or `--data DIR` with `train.csv` or `train.jsonl` and optional `dev` and `test`
 //!   files (`.csv` or `.jsonl`): a missing one is split off train (15% of it each, stratified, fixed
 //!   seed). The label names are the distinct labels of the training file, sorted (numerically when all
-//!   are integers); a dev or test label outside them is a bad line. Texts are rendered as
-//!   `sentence: {text}`.
+//!   are integers), at least 2 of them; a dev or test label outside them is a bad line. Texts are
+//!   rendered as `sentence: {text}`.
 //!
-//! Bad input is never dropped silently: a line with a missing field, an unparsable line or a label that
-//! is not one of the task's is an error naming the file and the 1-based line (for JSON arrays, the
-//! 1-based entry); with [`LoadOptions::skip_bad_lines`] such lines are counted in
-//! [`Task::skipped_lines`] instead, and one warning with the count goes to stderr. Blank lines carry no
-//! example and are passed over.
+//! Bad input is never dropped silently: a line with a missing field, an unparsable line, a CSV quote
+//! left open to the end of the file (which would otherwise swallow the rest of the file into one
+//! field) or a label that is not one of the task's is an error naming the file and the 1-based line
+//! (for JSON arrays, the 1-based entry); with [`LoadOptions::skip_bad_lines`] such lines are counted
+//! in [`Task::skipped_lines`] instead, and one warning with the count goes to stderr. A file that
+//! cannot be read to its end is always an error. Blank lines carry no example and are passed over.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -203,7 +204,7 @@ pub fn stratified_split(
     }
     let mut parts: Vec<Vec<Example>> = vec![Vec::new(); fractions.len()];
     for mut class in by_label {
-        shuffle(&mut class, &mut rng);
+        rng.shuffle(&mut class);
         let n = class.len();
         let mut rest = class.into_iter();
         let mut taken = 0;
@@ -222,23 +223,41 @@ pub fn stratified_split(
         }
     }
     for part in &mut parts {
-        shuffle(part, &mut rng);
+        rng.shuffle(part);
     }
     parts
-}
-
-/// Fisher–Yates.
-fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        v.swap(i, j);
-    }
 }
 
 /// 70/15/15 train/dev/test.
 const HELD_OUT_SPLIT: [f64; 3] = [0.70, 0.15, 0.15];
 /// Official train file → 90/10 train/dev (GLUE, SuperGLUE).
 const TRAIN_DEV_SPLIT: [f64; 2] = [0.90, 0.10];
+
+/// A task from an official train file and an official dev (validation) file (GLUE, SuperGLUE): train
+/// and dev are the train file split 90/10, stratified, and test is the dev file, as it is.
+fn split_train_dev(
+    name: &str,
+    label_names: Vec<String>,
+    metric: Metric,
+    official_train: Vec<Example>,
+    official_dev: Vec<Example>,
+) -> Task {
+    let mut parts =
+        stratified_split(official_train, &TRAIN_DEV_SPLIT, label_names.len()).into_iter();
+    let (train, dev) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    Task {
+        name: name.to_string(),
+        label_names,
+        metric,
+        train,
+        dev,
+        test: official_dev,
+        skipped_lines: 0,
+    }
+}
 
 /// A task from examples that still need all three splits.
 fn split_three(

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::metrics::Metric;
 use super::read::{self, BadLines};
-use super::{stratified_split, Example, Task, TRAIN_DEV_SPLIT};
+use super::{split_train_dev, Example, Task};
 
 pub(crate) const NAMES: [&str; 5] = ["boolq", "cb", "copa", "rte", "wic"];
 
@@ -71,39 +71,21 @@ pub(crate) fn load(name: &str, dir: &Path, bad: &mut BadLines) -> Result<Task> {
     let s = spec(name);
     let train_all = read_jsonl(name, &s, &dir.join("train.jsonl"), bad)?;
     let test = read_jsonl(name, &s, &dir.join("val.jsonl"), bad)?;
-    let mut parts = stratified_split(train_all, &TRAIN_DEV_SPLIT, s.raw_labels.len()).into_iter();
-    Ok(Task {
-        name: name.to_string(),
-        label_names: s.label_names.iter().map(|n| n.to_string()).collect(),
-        metric: s.metric,
-        train: parts.next().unwrap_or_default(),
-        dev: parts.next().unwrap_or_default(),
+    Ok(split_train_dev(
+        name,
+        s.label_names.iter().map(|n| n.to_string()).collect(),
+        s.metric,
+        train_all,
         test,
-        skipped_lines: 0,
-    })
+    ))
 }
 
 fn read_jsonl(name: &str, s: &Spec, path: &Path, bad: &mut BadLines) -> Result<Vec<Example>> {
-    let reader = read::open(
-        path,
-        &format!(
-            "the SuperGLUE {} folder holds train.jsonl and val.jsonl",
-            s.title
-        ),
-    )?;
-    let mut out = Vec::new();
-    for item in read::lines(path, reader) {
-        let (n, line) = item?;
-        let parsed = line
-            .map_err(|()| read::NOT_UTF8.to_string())
-            .and_then(|line| read::json_object(&line))
-            .and_then(|obj| parse(name, s, &obj));
-        match parsed {
-            Ok(e) => out.push(e),
-            Err(msg) => bad.bad(&read::at(path, n), &msg)?,
-        }
-    }
-    Ok(out)
+    let expected = format!(
+        "the SuperGLUE {} folder holds train.jsonl and val.jsonl",
+        s.title
+    );
+    read::jsonl(path, &expected, bad, |_, obj| parse(name, s, obj))
 }
 
 fn parse(name: &str, s: &Spec, obj: &Value) -> std::result::Result<Example, String> {

@@ -171,4 +171,13 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+
+    /// Fisher–Yates, from the back: for `i` from `len − 1` down to 1, swap `v[i]` with
+    /// `v[below(i + 1)]`. The data splits depend on this exact sequence of draws.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
 }
