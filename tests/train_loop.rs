@@ -254,7 +254,7 @@ fn distillation_follows_the_teacher_not_the_labels() {
     let d = data();
     // The teacher contradicts the gold label on every 4th training example; with α = 1 the student
     // learns only from the teacher, so it must side with it there.
-    let flipped = |i: usize| i % 4 == 0;
+    let flipped = |i: usize| i.is_multiple_of(4);
     let teacher_label = |i: usize| {
         if flipped(i) {
             1 - d.train_labels[i]

@@ -12,9 +12,12 @@ pub struct LinearSchedule {
 impl LinearSchedule {
     /// The schedule for `total` updates with the first `warmup_ratio` of them warming up.
     pub fn new(peak: f32, warmup_ratio: f32, total: u64) -> LinearSchedule {
+        // ceil(ratio · total) as transformers computes it in f64; the f32 ratio (0.1 is 0.100000001…)
+        // is nudged down so an exact product such as 0.1 · 10 is not rounded up to 2.
+        let exact = warmup_ratio as f64 * total as f64;
         LinearSchedule {
             peak,
-            warmup: (warmup_ratio as f64 * total as f64).ceil() as u64,
+            warmup: (exact * (1.0 - 1e-6)).ceil() as u64,
             total,
         }
     }
