@@ -13,26 +13,53 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1/√(2π), the standard normal density's constant.
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
-#[inline(always)]
-fn gelu_scalar<T: Real>(x: T) -> T {
-    T::from_f64(0.5) * x * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf())
+/// An element-wise function and its derivative. The backward receives `saved`: the input for GELU,
+/// the output for tanh (whichever makes the derivative cheapest).
+trait Pointwise {
+    fn value<T: Real>(x: T) -> T;
+    fn derivative<T: Real>(saved: T) -> T;
 }
 
-/// d/dx [x·Φ(x)] = Φ(x) + x·φ(x).
-#[inline(always)]
-fn gelu_grad_scalar<T: Real>(x: T) -> T {
-    let cdf = T::from_f64(0.5) * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf());
-    let pdf = T::from_f64(INV_SQRT_2PI) * (-(x * x) * T::from_f64(0.5)).exp();
-    cdf + x * pdf
+struct Gelu;
+
+impl Pointwise for Gelu {
+    #[inline(always)]
+    fn value<T: Real>(x: T) -> T {
+        T::from_f64(0.5) * x * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf())
+    }
+
+    /// d/dx [x·Φ(x)] = Φ(x) + x·φ(x).
+    #[inline(always)]
+    fn derivative<T: Real>(x: T) -> T {
+        let cdf = T::from_f64(0.5) * (T::ONE + (x * T::from_f64(FRAC_1_SQRT_2)).erf());
+        let pdf = T::from_f64(INV_SQRT_2PI) * (-(x * x) * T::from_f64(0.5)).exp();
+        cdf + x * pdf
+    }
 }
 
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
+struct Tanh;
+
+impl Pointwise for Tanh {
+    /// tanh(x) = 1 − 2/(e^{2x} + 1): one exp, vectorises, saturates cleanly at ±1.
+    #[inline(always)]
+    fn value<T: Real>(x: T) -> T {
+        T::ONE - T::from_f64(2.0) / ((x + x).exp() + T::ONE)
+    }
+
+    /// From the output: 1 − y².
+    #[inline(always)]
+    fn derivative<T: Real>(y: T) -> T {
+        T::ONE - y * y
+    }
+}
+
+fn forward<F: Pointwise>(x: &Tensor) -> Result<Tensor> {
     let mut y = x.zeros_like();
     with_real!(x.dtype(), T => {
         y.data_mut::<T>()?.par_chunks_mut(CHUNK).zip(x.data::<T>()?.par_chunks(CHUNK)).for_each(|(yc, xc)| {
             simd!({
                 for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = gelu_scalar(v);
+                    *o = F::value(v);
                 }
             })
         });
@@ -40,19 +67,18 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
-pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    check_same_shape("gelu backward", x, dy)?;
-    let mut dx = x.zeros_like();
-    with_real!(x.dtype(), T => {
-        let dyd = dy.data::<T>()?;
+fn backward<F: Pointwise>(saved: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_same_shape("activation backward", saved, dy)?;
+    let mut dx = saved.zeros_like();
+    with_real!(saved.dtype(), T => {
         dx.data_mut::<T>()?
             .par_chunks_mut(CHUNK)
-            .zip(x.data::<T>()?.par_chunks(CHUNK))
-            .zip(dyd.par_chunks(CHUNK))
-            .for_each(|((o, xc), gc)| {
+            .zip(saved.data::<T>()?.par_chunks(CHUNK))
+            .zip(dy.data::<T>()?.par_chunks(CHUNK))
+            .for_each(|((o, sc), gc)| {
                 simd!({
-                    for ((o, &v), &g) in o.iter_mut().zip(xc).zip(gc) {
-                        *o = g * gelu_grad_scalar(v);
+                    for ((o, &s), &g) in o.iter_mut().zip(sc).zip(gc) {
+                        *o = g * F::derivative(s);
                     }
                 })
             });
@@ -60,43 +86,19 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     Ok(dx)
 }
 
-/// tanh(x) = 1 − 2/(e^{2x} + 1): one exp, vectorises, saturates cleanly at ±1.
-#[inline(always)]
-fn tanh_scalar<T: Real>(x: T) -> T {
-    T::ONE - T::from_f64(2.0) / ((x + x).exp() + T::ONE)
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    forward::<Gelu>(x)
+}
+
+pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    backward::<Gelu>(x, dy)
 }
 
 pub fn tanh(x: &Tensor) -> Result<Tensor> {
-    let mut y = x.zeros_like();
-    with_real!(x.dtype(), T => {
-        y.data_mut::<T>()?.par_chunks_mut(CHUNK).zip(x.data::<T>()?.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-            simd!({
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = tanh_scalar(v);
-                }
-            })
-        });
-    });
-    Ok(y)
+    forward::<Tanh>(x)
 }
 
 /// From the forward's output: d tanh = (1 − y²)·dy.
 pub fn tanh_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    check_same_shape("tanh backward", y, dy)?;
-    let mut dx = y.zeros_like();
-    with_real!(y.dtype(), T => {
-        let dyd = dy.data::<T>()?;
-        dx.data_mut::<T>()?
-            .par_chunks_mut(CHUNK)
-            .zip(y.data::<T>()?.par_chunks(CHUNK))
-            .zip(dyd.par_chunks(CHUNK))
-            .for_each(|((o, yc), gc)| {
-                simd!({
-                    for ((o, &v), &g) in o.iter_mut().zip(yc).zip(gc) {
-                        *o = g * (T::ONE - v * v);
-                    }
-                })
-            });
-    });
-    Ok(dx)
+    backward::<Tanh>(y, dy)
 }
