@@ -1,5 +1,11 @@
 //! The BERT encoder: embeddings (word + position + token type, layer norm, dropout) and post-norm
 //! transformer layers, each with an explicit forward that keeps what its backward needs.
+//!
+//! Batches arrive right-padded (`[batch * seq]` ids), but inside the encoder every per-token op
+//! (embeddings, projections, layer norms, GELU, residuals) runs on the real tokens only, packed
+//! `[tokens, hidden]`: with sentences of mixed lengths that skips most of the work (uci-sentiment's
+//! batches are ~60% padding). Only attention sees the padded layout, where its key mask applies; rows
+//! move between the two with a row gather and its scatter (the embedding ops).
 
 use anyhow::Result;
 
@@ -28,6 +34,16 @@ impl Batch {
     /// Position ids: 0, 1, … within each sequence.
     pub fn positions(&self) -> Vec<u32> {
         (0..self.ids.len()).map(|i| (i % self.seq) as u32).collect()
+    }
+
+    /// The padded row of each real token, in order: packed row `i` is padded row `real_rows()[i]`.
+    pub fn real_rows(&self) -> Vec<u32> {
+        let seq = self.seq as u32;
+        self.lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(b, &len)| (0..len).map(move |t| b as u32 * seq + t))
+            .collect()
     }
 
     /// Number of real (unpadded) tokens.
@@ -89,11 +105,14 @@ pub struct BertEncoder {
 
 /// What the encoder forward keeps for its backward.
 pub struct EncoderCache {
+    /// Padded row of each packed row.
+    rows: Vec<u32>,
     emb_sum: Tensor,
     emb_stats: NormStats,
     layers: Vec<LayerCache>,
 }
 
+/// Per layer; `q`, `k`, `v` and `probs` are in the padded layout attention uses, the rest packed.
 struct LayerCache {
     input: Tensor,
     q: Tensor,
@@ -193,27 +212,31 @@ impl BertEncoder {
             c.max_position_embeddings
         );
         let e = &self.embeddings;
-        let mut emb_sum = be.embedding(&p[e.word], &batch.ids)?;
+        let rows = batch.real_rows();
+        let pick = |v: &[u32]| rows.iter().map(|&r| v[r as usize]).collect::<Vec<u32>>();
+        let mut emb_sum = be.embedding(&p[e.word], &pick(&batch.ids))?;
         be.add_assign(
             &mut emb_sum,
-            &be.embedding(&p[e.position], &batch.positions())?,
+            &be.embedding(&p[e.position], &pick(&batch.positions()))?,
         )?;
         be.add_assign(
             &mut emb_sum,
-            &be.embedding(&p[e.token_type], &batch.type_ids)?,
+            &be.embedding(&p[e.token_type], &pick(&batch.type_ids))?,
         )?;
         let (normed, emb_stats) =
             be.layer_norm(&emb_sum, &p[e.ln_gamma], &p[e.ln_beta], c.layer_norm_eps)?;
         let mut x = be.dropout(normed, mode.dropout(c.hidden_dropout_prob, EMBEDDING_SITE))?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (l, ids) in self.layers.iter().enumerate() {
-            let (y, cache) = self.layer_forward(be, p, ids, l, x, batch, mode)?;
+            let (y, cache) = self.layer_forward(be, p, ids, l, x, batch, &rows, mode)?;
             layers.push(cache);
             x = y;
         }
+        let hidden = to_padded(be, x, &rows, batch.ids.len())?;
         Ok((
-            x,
+            hidden,
             EncoderCache {
+                rows,
                 emb_sum,
                 emb_stats,
                 layers,
@@ -230,16 +253,15 @@ impl BertEncoder {
         l: usize,
         input: Tensor,
         batch: &Batch,
+        rows: &[u32],
         mode: Mode,
     ) -> Result<(Tensor, LayerCache)> {
         let c = &self.config;
         let [attn_site, attn_out_site, out_site] = sites(l);
         let lin = |x: &Tensor, (w, b): (ParamId, ParamId)| be.linear(x, &p[w], Some(&p[b]));
-        let (q, k, v) = (
-            lin(&input, ids.query)?,
-            lin(&input, ids.key)?,
-            lin(&input, ids.value)?,
-        );
+        // Attention works on the padded layout (its mask skips padded keys).
+        let padded = |ids| to_padded(be, lin(&input, ids)?, rows, batch.ids.len());
+        let (q, k, v) = (padded(ids.query)?, padded(ids.key)?, padded(ids.value)?);
         let attn_dropout = mode.dropout(c.attention_probs_dropout_prob, attn_site);
         let (context, probs) = be.attention(
             &q,
@@ -249,6 +271,7 @@ impl BertEncoder {
             &batch.lengths,
             attn_dropout,
         )?;
+        let context = to_packed(be, context, rows)?;
         let mut attn_residual = be.dropout(
             lin(&context, ids.attn_out)?,
             mode.dropout(c.hidden_dropout_prob, attn_out_site),
@@ -305,9 +328,11 @@ impl BertEncoder {
         grads: &mut ParamStore,
     ) -> Result<()> {
         let c = &self.config;
-        let mut dx = d_hidden;
+        let rows = &cache.rows;
+        // Gradients of padded positions are dropped: nothing real depends on them.
+        let mut dx = to_packed(be, d_hidden, rows)?;
         for (l, (ids, lc)) in self.layers.iter().zip(&cache.layers).enumerate().rev() {
-            dx = self.layer_backward(be, p, ids, l, lc, dx, batch, mode, grads)?;
+            dx = self.layer_backward(be, p, ids, l, lc, dx, batch, rows, mode, grads)?;
         }
         let e = &self.embeddings;
         let d_normed = be.dropout(dx, mode.dropout(c.hidden_dropout_prob, EMBEDDING_SITE))?;
@@ -320,9 +345,10 @@ impl BertEncoder {
             dg,
             db,
         )?;
-        be.embedding_backward(&d_sum, &batch.ids, &mut grads[e.word])?;
-        be.embedding_backward(&d_sum, &batch.positions(), &mut grads[e.position])?;
-        be.embedding_backward(&d_sum, &batch.type_ids, &mut grads[e.token_type])?;
+        let pick = |v: &[u32]| rows.iter().map(|&r| v[r as usize]).collect::<Vec<u32>>();
+        be.embedding_backward(&d_sum, &pick(&batch.ids), &mut grads[e.word])?;
+        be.embedding_backward(&d_sum, &pick(&batch.positions()), &mut grads[e.position])?;
+        be.embedding_backward(&d_sum, &pick(&batch.type_ids), &mut grads[e.token_type])?;
         Ok(())
     }
 
@@ -336,6 +362,7 @@ impl BertEncoder {
         lc: &LayerCache,
         dy: Tensor,
         batch: &Batch,
+        rows: &[u32],
         mode: Mode,
         grads: &mut ParamStore,
     ) -> Result<Tensor> {
@@ -378,6 +405,7 @@ impl BertEncoder {
         )?;
         let d_context = lin_back(grads, &d_attn_out, &lc.context, ids.attn_out)?;
         let attn_dropout = mode.dropout(c.attention_probs_dropout_prob, attn_site);
+        let d_context = to_padded(be, d_context, rows, batch.ids.len())?;
         let (dq, dk, dv) = be.attention_backward(
             &d_context,
             &lc.q,
@@ -388,12 +416,37 @@ impl BertEncoder {
             &batch.lengths,
             attn_dropout,
         )?;
+        let (dq, dk, dv) = (
+            to_packed(be, dq, rows)?,
+            to_packed(be, dk, rows)?,
+            to_packed(be, dv, rows)?,
+        );
         let mut dx = lin_back(grads, &dq, &lc.input, ids.query)?;
         be.add_assign(&mut dx, &lin_back(grads, &dk, &lc.input, ids.key)?)?;
         be.add_assign(&mut dx, &lin_back(grads, &dv, &lc.input, ids.value)?)?;
         be.add_assign(&mut dx, &d_attn_residual)?;
         Ok(dx)
     }
+}
+
+/// Packed rows `[tokens, width]` placed at their padded rows of a zeroed `[padded_rows, width]` (the
+/// backward of the row gather `Backend::embedding` performs). A batch without padding passes through.
+fn to_padded(be: &dyn Backend, packed: Tensor, rows: &[u32], padded_rows: usize) -> Result<Tensor> {
+    if rows.len() == padded_rows {
+        return Ok(packed);
+    }
+    let (_, width) = packed.rows_cols();
+    let mut out = Tensor::zeros(&[padded_rows, width], packed.dtype());
+    be.embedding_backward(&packed, rows, &mut out)?;
+    Ok(out)
+}
+
+/// The real rows of a padded tensor, packed; a batch without padding passes through.
+fn to_packed(be: &dyn Backend, padded: Tensor, rows: &[u32]) -> Result<Tensor> {
+    if rows.len() == padded.rows_cols().0 {
+        return Ok(padded);
+    }
+    be.embedding(&padded, rows)
 }
 
 fn sites(layer: usize) -> [u64; 3] {
