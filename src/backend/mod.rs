@@ -88,6 +88,16 @@ impl std::str::FromStr for Pooling {
     }
 }
 
+/// Which way a KL divergence between a student and a teacher distribution is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KlDirection {
+    /// `KL(student ‖ teacher)`: RetriKT's listwise loss as the paper prints it.
+    #[default]
+    StudentTeacher,
+    /// `KL(teacher ‖ student)`: the usual distillation direction.
+    TeacherStudent,
+}
+
 /// Shape of a multi-head attention call over `[batch * seq, heads * head_dim]` activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -279,6 +289,18 @@ pub trait Backend: Send + Sync {
         labels: &[u32],
         alpha: f32,
         temperature: f32,
+    ) -> Result<(f64, Tensor)>;
+
+    /// RetriKT's listwise loss (methods §2.6): for each row i, the distributions
+    /// `softmax_{j≠i}(cos(x_i, x_j)/τ)` of the student (τ = `tau_student`) and of the teacher
+    /// (`tau_teacher`); returns `Σ_i KL` in `direction` and its gradient w.r.t. the student rows.
+    fn listwise_cos_kl(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        tau_student: f32,
+        tau_teacher: f32,
+        direction: KlDirection,
     ) -> Result<(f64, Tensor)>;
 
     /// One AdamW step in place; `step` counts from 1 (bias correction).

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::backend::{backend, AdamW, AttnShape, Backend, Dropout, Pooling, Transpose};
+use crate::backend::{
+    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, Pooling, Transpose,
+};
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
 use crate::model::config::BertConfig;
@@ -174,6 +176,17 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
         name: "softmax-ce/fwd-bwd/32x2/f32".into(),
         work: Work::Bytes(2.0 * 64.0 * F32),
         body: Box::new(move || be.cross_entropy(&logits, &labels).map(drop)),
+    });
+
+    let (student, teacher) = (random(&[128, 384], &mut rng), random(&[128, 384], &mut rng));
+    cases.push(Case {
+        name: "listwise-cos-kl/fwd-bwd/n128-d384/f32".into(),
+        // Two 128×128×384 similarity products and the 128×128×384 gradient product.
+        work: Work::Flops(3.0 * 2.0 * (128 * 128 * 384) as f64),
+        body: Box::new(move || {
+            be.listwise_cos_kl(&student, &teacher, 0.1, 0.2, KlDirection::StudentTeacher)
+                .map(drop)
+        }),
     });
 
     let n = 1 << 22;

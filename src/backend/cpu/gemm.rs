@@ -170,7 +170,7 @@ fn tr(transposed: bool) -> &'static str {
 /// One row-major product `out[m, n] (+)= op(a)·op(b)` on slices, split across all threads.
 /// `a_cols`/`b_cols` are the stored widths of `a` and `b`.
 #[allow(clippy::too_many_arguments)]
-fn gemm_2d<T: Real>(
+pub(crate) fn gemm_2d<T: Real>(
     (m, n, k): (usize, usize, usize),
     a: &[T],
     a_cols: usize,

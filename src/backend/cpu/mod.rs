@@ -11,12 +11,13 @@ pub mod norms;
 pub mod optimizer;
 pub mod pooling;
 pub mod simd;
+pub mod similarity;
 
 use std::sync::OnceLock;
 
 use anyhow::Result;
 
-use super::{AdamW, AttnShape, Backend, Dropout, NormStats, Pooling, Transpose};
+use super::{AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, Transpose};
 use crate::tensor::{Device, Tensor};
 
 /// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32 or f64); other dtypes are an error,
@@ -207,6 +208,17 @@ impl Backend for CpuBackend {
         temperature: f32,
     ) -> Result<(f64, Tensor)> {
         losses::distill_loss(student, teacher, labels, alpha, temperature)
+    }
+
+    fn listwise_cos_kl(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        tau_student: f32,
+        tau_teacher: f32,
+        direction: KlDirection,
+    ) -> Result<(f64, Tensor)> {
+        similarity::listwise_cos_kl(student, teacher, tau_student, tau_teacher, direction)
     }
 
     fn adamw(
