@@ -110,3 +110,104 @@ fn listwise_cos_kl_f32_matches_f64() {
         )
         .is_err());
 }
+
+/// Exact top-k by a full sort (score descending, then index ascending).
+fn sorted_topk(keys: &[f32], queries: &[f32], d: usize, k: usize) -> Vec<Vec<(u32, f32)>> {
+    queries
+        .chunks(d)
+        .map(|q| {
+            let norm = q.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() as f32;
+            let mut all: Vec<(u32, f32)> = keys
+                .chunks(d)
+                .enumerate()
+                .map(|(i, key)| {
+                    (
+                        i as u32,
+                        key.iter().zip(q).map(|(a, b)| a * b / norm).sum::<f32>(),
+                    )
+                })
+                .collect();
+            all.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+            all.truncate(k);
+            all
+        })
+        .collect()
+}
+
+fn unit_rows(n: usize, d: usize, rng: &mut Rng) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+    for row in v.chunks_mut(d) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+#[test]
+fn cosine_topk_matches_a_full_sort_with_ties_and_chunks() {
+    let mut rng = Rng::new(3);
+    let (n, d, q) = (3001, 31, 5);
+    let mut keys = unit_rows(n, d, &mut rng);
+    // Exact duplicates make ties: key 2900 equals key 17, key 2000 equals key 5.
+    keys.copy_within(17 * d..18 * d, 2900 * d);
+    keys.copy_within(5 * d..6 * d, 2000 * d);
+    let mut queries: Vec<f32> = (0..q * d).map(|_| rng.normal()).collect();
+    queries[..d].copy_from_slice(&keys[17 * d..18 * d]); // query 0 ties keys 17 and 2900 at the top
+    let kt = Tensor::from_vec(keys.clone(), &[n, d]).unwrap();
+    let qt = Tensor::from_vec(queries.clone(), &[q, d]).unwrap();
+    for k in [1, 16, 1024, 2000] {
+        let (idx, scores) = cpu().cosine_topk(&kt, &qt, k).unwrap();
+        let want = sorted_topk(&keys, &queries, d, k);
+        for (qi, w) in want.iter().enumerate() {
+            let got_idx = &idx[qi * k..(qi + 1) * k];
+            // Scores agree to f32 rounding; the order is the exact one except among near-equal scores.
+            for (r, &(wi, ws)) in w.iter().enumerate() {
+                assert!(
+                    (scores[qi * k + r] - ws).abs() < 1e-5,
+                    "k={k} q={qi} rank {r}"
+                );
+                if r + 1 < w.len()
+                    && (w[r + 1].1 - ws).abs() > 1e-5
+                    && (r == 0 || (w[r - 1].1 - ws).abs() > 1e-5)
+                {
+                    assert_eq!(got_idx[r], wi, "k={k} q={qi} rank {r}");
+                }
+            }
+        }
+        // The exact tie at the top goes to the lower index.
+        assert_eq!(&idx[..2.min(k)], &[17, 2900][..2.min(k)]);
+    }
+    // Streaming the keys in chunks gives the same answer.
+    let mut best = kdx::backend::TopK::new(q, 16);
+    for (c, chunk) in keys.chunks(700 * d).enumerate() {
+        let t = Tensor::from_vec(chunk.to_vec(), &[chunk.len() / d, d]).unwrap();
+        cpu()
+            .cosine_topk_update(&t, c * 700, &qt, &mut best)
+            .unwrap();
+    }
+    assert_eq!(best.into_sorted(), cpu().cosine_topk(&kt, &qt, 16).unwrap());
+    assert!(cpu().cosine_topk(&kt, &qt, n + 1).is_err());
+}
+
+#[test]
+fn cosine_topk_reads_half_precision_keys() {
+    let mut rng = Rng::new(4);
+    let (n, d) = (500, 64);
+    let keys = Tensor::from_vec(unit_rows(n, d, &mut rng), &[n, d]).unwrap();
+    let queries = Tensor::from_vec(unit_rows(3, d, &mut rng), &[3, d]).unwrap();
+    let (want, _) = cpu().cosine_topk(&keys, &queries, 8).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let (got, scores) = cpu()
+            .cosine_topk(&keys.to_dtype(dtype).unwrap(), &queries, 8)
+            .unwrap();
+        // Rounding the keys may swap near-equal neighbours, never the best key.
+        assert_eq!(
+            got.chunks(8).map(|c| c[0]).collect::<Vec<_>>(),
+            want.chunks(8).map(|c| c[0]).collect::<Vec<_>>()
+        );
+        assert!(scores
+            .windows(2)
+            .enumerate()
+            .all(|(i, w)| (i + 1) % 8 == 0 || w[0] >= w[1]));
+    }
+}

@@ -7,6 +7,8 @@
 
 pub mod cpu;
 
+pub use cpu::similarity::TopK;
+
 use anyhow::{bail, Result};
 
 use crate::tensor::{Device, Tensor};
@@ -302,6 +304,34 @@ pub trait Backend: Send + Sync {
         tau_teacher: f32,
         direction: KlDirection,
     ) -> Result<(f64, Tensor)>;
+
+    /// Merges the cosine scores of `queries` against a chunk of unit-length `keys` (f32, f16 or bf16;
+    /// its first row is key number `offset`) into `best`. Chunks of a store too large for memory go
+    /// through one at a time.
+    fn cosine_topk_update(
+        &self,
+        keys: &Tensor,
+        offset: usize,
+        queries: &Tensor,
+        best: &mut TopK,
+    ) -> Result<()>;
+
+    /// The `k` keys of highest cosine with each query: `[queries, k]` indices and scores, best first,
+    /// equal scores ordered by the lower index.
+    fn cosine_topk(
+        &self,
+        keys: &Tensor,
+        queries: &Tensor,
+        k: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let n = keys.rows_cols().0;
+        if k == 0 || k > n {
+            bail!("top-k: k = {k} must be between 1 and the number of keys ({n})");
+        }
+        let mut best = TopK::new(queries.rows_cols().0, k);
+        self.cosine_topk_update(keys, 0, queries, &mut best)?;
+        Ok(best.into_sorted())
+    }
 
     /// One AdamW step in place; `step` counts from 1 (bias correction).
     fn adamw(

@@ -189,6 +189,17 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
         }),
     });
 
+    let unit = |x: Tensor| be.l2_normalize(&x).expect("f32 rows");
+    let (keys, queries) = (
+        unit(random(&[100_000, 384], &mut rng)),
+        random(&[256, 384], &mut rng),
+    );
+    cases.push(Case {
+        name: "cos-topk/q256-n100000-d384-k16/f32".into(),
+        work: Work::Flops(2.0 * 256.0 * 100_000.0 * 384.0),
+        body: Box::new(move || be.cosine_topk(&keys, &queries, 16).map(drop)),
+    });
+
     let n = 1 << 22;
     let (mut p, g) = (random(&[n], &mut rng), random(&[n], &mut rng));
     let (mut m, mut v) = (p.zeros_like(), p.zeros_like());

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use anyhow::Result;
 
-use super::{AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, Transpose};
+use super::{AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, TopK, Transpose};
 use crate::tensor::{Device, Tensor};
 
 /// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32 or f64); other dtypes are an error,
@@ -219,6 +219,16 @@ impl Backend for CpuBackend {
         direction: KlDirection,
     ) -> Result<(f64, Tensor)> {
         similarity::listwise_cos_kl(student, teacher, tau_student, tau_teacher, direction)
+    }
+
+    fn cosine_topk_update(
+        &self,
+        keys: &Tensor,
+        offset: usize,
+        queries: &Tensor,
+        best: &mut TopK,
+    ) -> Result<()> {
+        similarity::cosine_topk_update(keys, offset, queries, best)
     }
 
     fn adamw(

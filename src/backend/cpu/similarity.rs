@@ -1,4 +1,5 @@
-//! In-batch similarity losses: RetriKT's listwise KL over cosine-similarity distributions.
+//! Similarity: RetriKT's listwise KL over in-batch cosine-similarity distributions, and cosine top-k
+//! retrieval over a key store.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -138,4 +139,159 @@ pub fn listwise_cos_kl(
         losses.iter().sum::<f64>()
     });
     Ok((loss, grad))
+}
+
+/// Scores `queries` (normalised here) against a chunk of unit-length keys whose first row is key
+/// number `offset`, and merges every score into `best`. Keys may be f32, f16 or bf16 (converted
+/// per chunk); scores are f32 dot products, i.e. cosines.
+pub fn cosine_topk_update(
+    keys: &Tensor,
+    offset: usize,
+    queries: &Tensor,
+    best: &mut TopK,
+) -> Result<()> {
+    let (n, d) = keys.rows_cols();
+    let (q, dq) = queries.rows_cols();
+    ensure!(
+        d == dq,
+        "top-k: keys have {d} features but queries have {dq}"
+    );
+    ensure!(
+        q == best.queries(),
+        "top-k: {q} queries but the accumulator holds {}",
+        best.queries()
+    );
+    let (unit, _) = normalized(&queries.to_vec_f32(), d);
+    // Key blocks sized so the score block stays around 16 MB whatever the query count.
+    let block = ((4 << 20) / q.max(1)).clamp(256, 65536);
+    let converted;
+    let kd = match keys.dtype() {
+        crate::tensor::DType::F32 => keys.data::<f32>()?,
+        _ => {
+            converted = keys.to_dtype(crate::tensor::DType::F32)?;
+            converted.data::<f32>()?
+        }
+    };
+    let mut scores = vec![0.0f32; q * block.min(n.max(1))];
+    for start in (0..n).step_by(block) {
+        let rows = block.min(n - start);
+        let scores = &mut scores[..q * rows];
+        gemm_2d(
+            (q, rows, d),
+            &unit,
+            d,
+            false,
+            &kd[start * d..(start + rows) * d],
+            d,
+            true,
+            scores,
+            false,
+        );
+        best.heaps
+            .par_iter_mut()
+            .zip(scores.par_chunks(rows))
+            .for_each(|(heap, row)| {
+                for (j, &s) in row.iter().enumerate() {
+                    heap.offer(s, (offset + start + j) as u32);
+                }
+            });
+    }
+    Ok(())
+}
+
+/// The k best (highest score; on equal scores the lower index) of each query so far.
+pub struct TopK {
+    heaps: Vec<Bounded>,
+}
+
+impl TopK {
+    pub fn new(queries: usize, k: usize) -> TopK {
+        TopK {
+            heaps: (0..queries)
+                .map(|_| Bounded {
+                    k,
+                    items: Vec::with_capacity(k.min(1 << 16)),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn queries(&self) -> usize {
+        self.heaps.len()
+    }
+
+    /// `[queries, k']` indices and scores, best first (`k' = min(k, keys seen)`).
+    pub fn into_sorted(self) -> (Vec<u32>, Vec<f32>) {
+        let (mut indices, mut scores) = (Vec::new(), Vec::new());
+        for heap in self.heaps {
+            let mut items = heap.items;
+            items.sort_by(|a, b| {
+                if better(*a, *b) {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            });
+            indices.extend(items.iter().map(|&(_, i)| i));
+            scores.extend(items.iter().map(|&(s, _)| s));
+        }
+        (indices, scores)
+    }
+}
+
+/// `a` ranks above `b`: a higher score, or the same score and a lower index.
+#[inline(always)]
+fn better(a: (f32, u32), b: (f32, u32)) -> bool {
+    a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+}
+
+/// A min-heap of at most `k` items whose root is the worst kept one.
+struct Bounded {
+    k: usize,
+    items: Vec<(f32, u32)>,
+}
+
+impl Bounded {
+    #[inline(always)]
+    fn offer(&mut self, score: f32, index: u32) {
+        let item = (score, index);
+        if self.items.len() < self.k {
+            self.items.push(item);
+            self.sift_up(self.items.len() - 1);
+        } else if self.k > 0 && better(item, self.items[0]) {
+            self.items[0] = item;
+            self.sift_down(0);
+        }
+    }
+
+    fn sift_up(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if better(self.items[parent], self.items[i]) {
+                self.items.swap(parent, i);
+                i = parent;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn sift_down(&mut self, mut i: usize) {
+        let n = self.items.len();
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut worst = i;
+            if l < n && better(self.items[worst], self.items[l]) {
+                worst = l;
+            }
+            if r < n && better(self.items[worst], self.items[r]) {
+                worst = r;
+            }
+            if worst == i {
+                break;
+            }
+            self.items.swap(i, worst);
+            i = worst;
+        }
+    }
 }
