@@ -186,6 +186,28 @@ def build_entries(cfg: transformers.BertConfig, device: torch.device) -> list[En
 
         return step
 
+    def listwise_cos_kl():
+        # RetriKT's listwise loss as PyTorch code would write it: autograd through normalise,
+        # similarity, diagonal mask, both softmaxes and KL(student ‖ teacher), summed over rows.
+        student = randn(128, h, grad=True)
+        teacher = randn(128, h)
+        eye = torch.eye(128, dtype=torch.bool, device=device)
+
+        def step():
+            s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+            log_p = F.log_softmax((s @ s.T / 0.1).masked_fill(eye, float("-inf")), dim=-1)
+            log_q = F.log_softmax((t @ t.T / 0.2).masked_fill(eye, float("-inf")), dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).masked_fill(eye, 0.0).sum()
+            kl.backward()
+            student.grad = None
+
+        return step
+
+    def cos_topk():
+        keys = F.normalize(randn(100_000, h), dim=-1)
+        queries = randn(256, h)
+        return lambda: torch.topk(F.normalize(queries, dim=-1) @ keys.T, 16, dim=-1)
+
     fwd_flops = model_forward_flops(cfg, BATCH, SEQ)
     attn_flops = 4 * BATCH * heads * SEQ * SEQ * head_dim
     h, i = cfg.hidden_size, cfg.intermediate_size
@@ -200,6 +222,8 @@ def build_entries(cfg: transformers.BertConfig, device: torch.device) -> list[En
         (f"layernorm/fwd-bwd/{TOKENS}x{h}", layernorm(True), Work(bytes=5 * TOKENS * h * F32)),
         (f"gelu/fwd/{TOKENS}x{i}", gelu, Work(bytes=2 * TOKENS * i * F32)),
         (f"softmax-ce/fwd-bwd/{BATCH}x2", softmax_ce, Work(bytes=2 * BATCH * 2 * F32)),
+        (f"listwise-cos-kl/fwd-bwd/n128-d{h}", listwise_cos_kl, Work(flops=3 * 2 * 128 * 128 * h)),
+        (f"cos-topk/q256-n100000-d{h}-k16", cos_topk, Work(flops=2 * 256 * 100_000 * h)),
     ]
 
 
