@@ -4,7 +4,7 @@
 mod common;
 
 use common::{check_gradient, max_abs_diff, randn};
-use kdx::backend::{backend, Backend, KlDirection};
+use kdx::backend::{backend, Backend, KlDirection, Sampling};
 use kdx::model::params::Rng;
 use kdx::{DType, Device, Tensor};
 
@@ -210,4 +210,111 @@ fn cosine_topk_reads_half_precision_keys() {
             .enumerate()
             .all(|(i, w)| (i + 1) % 8 == 0 || w[0] >= w[1]));
     }
+}
+
+/// The exact nucleus distribution of one row of logits (methods: temperature, top-k, top-p).
+fn nucleus(z: &[f32], temperature: f64, top_k: usize, top_p: f64) -> Vec<f64> {
+    let e: Vec<f64> = z.iter().map(|&v| (v as f64 / temperature).exp()).collect();
+    let mut order: Vec<usize> = (0..z.len()).collect();
+    order.sort_by(|&a, &b| e[b].partial_cmp(&e[a]).unwrap().then(a.cmp(&b)));
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let kept: f64 = order.iter().map(|&i| e[i]).sum();
+    let (mut mass, mut n) = (0.0, 0);
+    for &i in &order {
+        mass += e[i];
+        n += 1;
+        if mass >= top_p * kept {
+            break;
+        }
+    }
+    let mut p = vec![0.0; z.len()];
+    for &i in &order[..n] {
+        p[i] = e[i] / mass;
+    }
+    p
+}
+
+#[test]
+fn nucleus_sampling_draws_the_exact_distribution() {
+    let mut rng = Rng::new(5);
+    let vocab = 12;
+    let z: Vec<f32> = (0..vocab).map(|_| 1.5 * rng.normal()).collect();
+    let draws = 40_000;
+    let logits = Tensor::from_vec(
+        z.iter()
+            .copied()
+            .cycle()
+            .take(draws * vocab)
+            .collect::<Vec<f32>>(),
+        &[draws, vocab],
+    )
+    .unwrap();
+    for (temperature, top_k, top_p) in [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 5, 0.95), (1.0, 3, 1.0)]
+    {
+        let s = Sampling {
+            temperature,
+            top_k,
+            top_p,
+            seed: 11,
+        };
+        let tokens = cpu().sample(&logits, &s, 0).unwrap();
+        let mut counts = vec![0usize; vocab];
+        tokens.iter().for_each(|&t| counts[t as usize] += 1);
+        let p = nucleus(&z, temperature as f64, top_k, top_p as f64);
+        // Tokens outside the nucleus never appear; inside, a chi-square test at the 0.1% level.
+        let mut chi2 = 0.0;
+        let mut df = 0;
+        for (c, &pi) in counts.iter().zip(&p) {
+            if pi == 0.0 {
+                assert_eq!(*c, 0, "{s:?}: a token outside the nucleus was drawn");
+            } else {
+                let expected = pi * draws as f64;
+                chi2 += (*c as f64 - expected).powi(2) / expected;
+                df += 1;
+            }
+        }
+        // 0.999 quantiles of chi-square with df − 1 degrees of freedom (df ≤ 12).
+        let critical = [
+            0.0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26,
+        ][df - 1];
+        assert!(
+            df == 1 || chi2 < critical,
+            "{s:?}: chi-square {chi2:.1} with {} df",
+            df - 1
+        );
+        // Seeded: the same step repeats, another step differs.
+        assert_eq!(tokens, cpu().sample(&logits, &s, 0).unwrap());
+        if df > 1 {
+            assert_ne!(tokens, cpu().sample(&logits, &s, 1).unwrap());
+        }
+    }
+    let greedy = Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let best = z
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.partial_cmp(b.1).unwrap())
+        .unwrap()
+        .0 as u32;
+    assert!(cpu()
+        .sample(&logits, &greedy, 3)
+        .unwrap()
+        .iter()
+        .all(|&t| t == best));
+    assert!(cpu()
+        .sample(
+            &logits,
+            &Sampling {
+                top_p: 0.0,
+                ..greedy
+            },
+            0
+        )
+        .is_err());
 }

@@ -63,6 +63,33 @@ impl Dropout {
     }
 }
 
+/// How tokens are drawn from logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens holding at least this much probability (1 = all).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(values: &[f32]) -> u32 {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0 as u32
+}
+
 /// SplitMix64's finaliser: a cheap, well-mixed 64-bit hash (also usable in a CUDA kernel).
 #[inline(always)]
 pub fn mix64(mut z: u64) -> u64 {
@@ -332,6 +359,10 @@ pub trait Backend: Send + Sync {
         self.cosine_topk_update(keys, 0, queries, &mut best)?;
         Ok(best.into_sorted())
     }
+
+    /// One token per row of `logits [rows, vocab]`: temperature, then top-k, then the top-p nucleus,
+    /// renormalised; draw `step` of a stream seeded by `s.seed` (each row and step gets its own number).
+    fn sample(&self, logits: &Tensor, s: &Sampling, step: u64) -> Result<Vec<u32>>;
 
     /// One AdamW step in place; `step` counts from 1 (bias correction).
     fn adamw(

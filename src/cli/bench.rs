@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::backend::{
-    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, Pooling, Transpose,
+    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, Pooling, Sampling, Transpose,
 };
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
@@ -198,6 +198,23 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
         name: "cos-topk/q256-n100000-d384-k16/f32".into(),
         work: Work::Flops(2.0 * 256.0 * 100_000.0 * 384.0),
         body: Box::new(move || be.cosine_topk(&keys, &queries, 16).map(drop)),
+    });
+
+    let vocab_logits = random(&[16, 49152], &mut rng);
+    let mut draw = 0;
+    cases.push(Case {
+        name: "sampling/nucleus/b16x49152/f32".into(),
+        work: Work::Bytes(16.0 * 49152.0 * F32),
+        body: Box::new(move || {
+            draw += 1;
+            let s = Sampling {
+                temperature: 0.9,
+                top_k: 0,
+                top_p: 0.9,
+                seed: 1,
+            };
+            be.sample(&vocab_logits, &s, draw).map(drop)
+        }),
     });
 
     let n = 1 << 22;

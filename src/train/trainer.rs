@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint;
 use super::schedule::LinearSchedule;
 use super::AdamWState;
-use crate::backend::{mix64, AdamW, Backend};
+use crate::backend::{argmax, mix64, AdamW, Backend};
 use crate::data::metrics::{all_metrics, Metric};
 use crate::model::bert::Mode;
 use crate::model::classifier::SequenceClassifier;
@@ -203,19 +203,6 @@ pub fn evaluate(
     let mut metrics = all_metrics(labels, &predicted, model.num_labels)?;
     metrics.insert("loss".into(), loss);
     Ok(metrics)
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0 as u32
 }
 
 /// The order of the training examples in `epoch`: a seeded Fisher–Yates shuffle.

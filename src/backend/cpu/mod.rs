@@ -10,6 +10,7 @@ pub mod losses;
 pub mod norms;
 pub mod optimizer;
 pub mod pooling;
+pub mod sampling;
 pub mod simd;
 pub mod similarity;
 
@@ -17,7 +18,9 @@ use std::sync::OnceLock;
 
 use anyhow::Result;
 
-use super::{AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, TopK, Transpose};
+use super::{
+    AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, Sampling, TopK, Transpose,
+};
 use crate::tensor::{Device, Tensor};
 
 /// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32 or f64); other dtypes are an error,
@@ -229,6 +232,10 @@ impl Backend for CpuBackend {
         best: &mut TopK,
     ) -> Result<()> {
         similarity::cosine_topk_update(keys, offset, queries, best)
+    }
+
+    fn sample(&self, logits: &Tensor, s: &Sampling, step: u64) -> Result<Vec<u32>> {
+        sampling::sample(logits, s, step)
     }
 
     fn adamw(
