@@ -242,21 +242,9 @@ fn split_train_dev(
     official_train: Vec<Example>,
     official_dev: Vec<Example>,
 ) -> Task {
-    let mut parts =
-        stratified_split(official_train, &TRAIN_DEV_SPLIT, label_names.len()).into_iter();
-    let (train, dev) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    Task {
-        name: name.to_string(),
-        label_names,
-        metric,
-        train,
-        dev,
-        test: official_dev,
-        skipped_lines: 0,
-    }
+    let mut parts = stratified_split(official_train, &TRAIN_DEV_SPLIT, label_names.len());
+    parts.push(official_dev);
+    task_from_parts(name, label_names, metric, parts)
 }
 
 /// A task from examples that still need all three splits.
@@ -266,12 +254,20 @@ fn split_three(
     metric: Metric,
     examples: Vec<Example>,
 ) -> Task {
-    let mut parts = stratified_split(examples, &HELD_OUT_SPLIT, label_names.len()).into_iter();
-    let (train, dev, test) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
+    let parts = stratified_split(examples, &HELD_OUT_SPLIT, label_names.len());
+    task_from_parts(name, label_names, metric, parts)
+}
+
+/// A task from its [train, dev, test] parts.
+fn task_from_parts(
+    name: &str,
+    label_names: Vec<String>,
+    metric: Metric,
+    parts: Vec<Vec<Example>>,
+) -> Task {
+    let mut parts = parts.into_iter();
+    let mut next = || parts.next().unwrap_or_default();
+    let (train, dev, test) = (next(), next(), next());
     Task {
         name: name.to_string(),
         label_names,

@@ -74,9 +74,14 @@ impl safetensors::View for View<'_> {
     fn shape(&self) -> &[usize] {
         self.tensor.shape()
     }
+    /// f32 tensors are written straight from their memory; other dtypes are converted first.
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let values = self.tensor.to_vec_f32();
-        std::borrow::Cow::Owned(bytemuck::cast_slice(&values).to_vec())
+        match self.tensor.data::<f32>() {
+            Ok(values) => std::borrow::Cow::Borrowed(bytemuck::cast_slice(values)),
+            Err(_) => {
+                std::borrow::Cow::Owned(bytemuck::cast_slice(&self.tensor.to_vec_f32()).to_vec())
+            }
+        }
     }
     fn data_len(&self) -> usize {
         self.tensor.numel() * 4
