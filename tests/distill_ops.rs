@@ -4,12 +4,319 @@
 mod common;
 
 use common::{check_gradient, max_abs_diff, randn};
-use kdx::backend::{backend, Backend, KlDirection, Sampling};
+use kdx::backend::{
+    backend, Backend, KlDirection, PerRow, Sampling, SoftmaxKl, Teacher, IGNORE_INDEX,
+};
 use kdx::model::params::Rng;
 use kdx::{DType, Device, Tensor};
 
 fn cpu() -> &'static dyn Backend {
     backend(Device::Cpu).unwrap()
+}
+
+/// Row-wise log-softmax of `x/τ_r`, in f64.
+fn log_softmax_rows(x: &[f64], classes: usize, tau: impl Fn(usize) -> f64) -> Vec<Vec<f64>> {
+    x.chunks(classes)
+        .enumerate()
+        .map(|(r, row)| {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max) / tau(r);
+            let z = row.iter().map(|v| (v / tau(r) - m).exp()).sum::<f64>().ln() + m;
+            row.iter().map(|v| v / tau(r) - z).collect()
+        })
+        .collect()
+}
+
+/// The general softmax-KL loss written out naively in f64: per-row losses and their mean.
+fn naive_softmax_kl(student: &Tensor, spec: &SoftmaxKl) -> (Vec<f64>, f64) {
+    let (rows, classes) = student.rows_cols();
+    let tau = |r: usize| spec.temperature.get(r) as f64;
+    let ls = log_softmax_rows(&student.to_vec_f64(), classes, tau);
+    let l1 = log_softmax_rows(&student.to_vec_f64(), classes, |_| 1.0);
+    let lt: Vec<Vec<f64>> = match spec.teacher {
+        Teacher::Logits(t) => log_softmax_rows(&t.to_vec_f64(), classes, tau),
+        Teacher::Probs(p) => p
+            .to_vec_f64()
+            .chunks(classes)
+            .map(|row| row.iter().map(|v| v.ln()).collect())
+            .collect(),
+    };
+    let mut losses = vec![0.0; rows];
+    let mut counted = 0;
+    for r in 0..rows {
+        let label = spec.labels.map(|l| l[r]);
+        if label == Some(IGNORE_INDEX) {
+            continue;
+        }
+        counted += 1;
+        let kl: f64 = (0..classes)
+            .map(|c| match spec.direction {
+                KlDirection::TeacherStudent if lt[r][c].is_finite() => {
+                    lt[r][c].exp() * (lt[r][c] - ls[r][c])
+                }
+                KlDirection::TeacherStudent => 0.0,
+                KlDirection::StudentTeacher => ls[r][c].exp() * (ls[r][c] - lt[r][c]),
+            })
+            .sum();
+        let ce = label.map_or(0.0, |y| -l1[r][y as usize]);
+        losses[r] =
+            spec.ce_weight.get(r) as f64 * ce + spec.kl_weight.get(r) as f64 * tau(r) * tau(r) * kl;
+    }
+    let mean = losses.iter().sum::<f64>() / counted as f64;
+    (losses, mean)
+}
+
+/// Rows of probabilities (softmax of random logits), some entries exactly zero.
+fn random_probs(rows: usize, classes: usize, rng: &mut Rng) -> Tensor {
+    let z = randn(&[rows, classes], rng).to_vec_f64();
+    let mut p = Vec::with_capacity(z.len());
+    for row in z.chunks(classes) {
+        let e: Vec<f64> = row.iter().map(|v| (2.0 * v).exp()).collect();
+        let total: f64 = e.iter().sum();
+        p.extend(e.iter().map(|v| v / total));
+    }
+    Tensor::from_vec(p, &[rows, classes]).unwrap()
+}
+
+#[test]
+fn softmax_kl_every_variant_matches_the_formula_and_finite_differences() {
+    let mut rng = Rng::new(61);
+    let (rows, classes) = (6, 13);
+    let s = randn(&[rows, classes], &mut rng);
+    let t_logits = randn(&[rows, classes], &mut rng);
+    let t_probs = random_probs(rows, classes, &mut rng);
+    let labels = [3u32, IGNORE_INDEX, 0, 12, 7, 7];
+    let taus = [0.5f32, 1.0, 2.0, 3.5, 1.7, 0.9];
+    let weights = [0.3f32, 0.9, 0.0, 1.0, 0.55, 2.0];
+    let ce_weights = [0.7f32, 0.1, 1.0, 0.0, 0.45, 0.25];
+    for direction in [KlDirection::TeacherStudent, KlDirection::StudentTeacher] {
+        for (teacher, name) in [
+            (Teacher::Logits(&t_logits), "logits"),
+            (Teacher::Probs(&t_probs), "probs"),
+        ] {
+            for with_labels in [true, false] {
+                let spec = SoftmaxKl {
+                    teacher,
+                    temperature: PerRow::Each(&taus),
+                    kl_weight: PerRow::Each(&weights),
+                    direction,
+                    labels: with_labels.then_some(&labels[..]),
+                    ce_weight: if with_labels {
+                        PerRow::Each(&ce_weights)
+                    } else {
+                        PerRow::Same(0.0)
+                    },
+                };
+                let what = format!("{direction:?}, teacher {name}, labels {with_labels}");
+                let (loss, grad) = cpu().softmax_kl(&s, &spec).unwrap();
+                let (want_rows, want_mean) = naive_softmax_kl(&s, &spec);
+                assert!(
+                    (loss.mean - want_mean).abs() < 1e-12,
+                    "{what}: {} vs {want_mean}",
+                    loss.mean
+                );
+                for (got, want) in loss.rows.iter().zip(&want_rows) {
+                    assert!(
+                        (got - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                        "{what}: row {got} vs {want}"
+                    );
+                }
+                check_gradient(
+                    &what,
+                    &s,
+                    &grad,
+                    |v| cpu().softmax_kl(v, &spec).unwrap().0.mean,
+                    1e-6,
+                    1e-9,
+                );
+                if with_labels {
+                    // An ignored row neither gets a gradient nor a loss.
+                    let g = grad.to_vec_f64();
+                    assert!(
+                        g[classes..2 * classes].iter().all(|&v| v == 0.0) && loss.rows[1] == 0.0
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_kl_teacher_probs_equal_softened_teacher_logits() {
+    let mut rng = Rng::new(62);
+    let (rows, classes) = (9, 40);
+    let s = randn(&[rows, classes], &mut rng);
+    let t = randn(&[rows, classes], &mut rng);
+    let tau = 2.0;
+    let probs: Vec<f64> = log_softmax_rows(&t.to_vec_f64(), classes, |_| tau as f64)
+        .into_iter()
+        .flatten()
+        .map(f64::exp)
+        .collect();
+    let probs = Tensor::from_vec(probs, &[rows, classes]).unwrap();
+    for direction in [KlDirection::TeacherStudent, KlDirection::StudentTeacher] {
+        let spec = |teacher| SoftmaxKl {
+            teacher,
+            temperature: PerRow::Same(tau),
+            kl_weight: PerRow::Same(1.0),
+            direction,
+            labels: None,
+            ce_weight: PerRow::Same(0.0),
+        };
+        let (a, ga) = cpu().softmax_kl(&s, &spec(Teacher::Logits(&t))).unwrap();
+        let (b, gb) = cpu().softmax_kl(&s, &spec(Teacher::Probs(&probs))).unwrap();
+        assert!(
+            (a.mean - b.mean).abs() < 1e-12 && max_abs_diff(&ga, &gb) < 1e-14,
+            "{direction:?}"
+        );
+    }
+}
+
+#[test]
+fn softmax_kl_f32_matches_f64_at_awkward_and_vocabulary_shapes() {
+    let mut rng = Rng::new(63);
+    for (rows, classes) in [(3 * 47, 31), (256, 2), (141, 3), (5, 49152), (2, 128256)] {
+        let s = randn(&[rows, classes], &mut rng)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let t = randn(&[rows, classes], &mut rng)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let labels: Vec<u32> = (0..rows)
+            .map(|r| {
+                if r % 5 == 4 {
+                    IGNORE_INDEX
+                } else {
+                    (r * 7919 % classes) as u32
+                }
+            })
+            .collect();
+        let taus: Vec<f32> = (0..rows).map(|r| 0.5 + (r % 7) as f32 * 0.4).collect();
+        for direction in [KlDirection::TeacherStudent, KlDirection::StudentTeacher] {
+            let spec = |t_| SoftmaxKl {
+                teacher: Teacher::Logits(t_),
+                temperature: PerRow::Each(&taus),
+                kl_weight: PerRow::Same(0.8),
+                direction,
+                labels: Some(&labels),
+                ce_weight: PerRow::Same(0.2),
+            };
+            let (l32, g32) = cpu().softmax_kl(&s, &spec(&t)).unwrap();
+            let (s64, t64) = (
+                s.to_dtype(DType::F64).unwrap(),
+                t.to_dtype(DType::F64).unwrap(),
+            );
+            let (_, want) = naive_softmax_kl(&s64, &spec(&t64));
+            let (_, g64) = cpu().softmax_kl(&s64, &spec(&t64)).unwrap();
+            let what = format!("{rows}x{classes} {direction:?}");
+            assert!(
+                (l32.mean - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{what}: {} vs {want}",
+                l32.mean
+            );
+            // Gradients are O(1/rows); compare against the largest.
+            let scale = g64.to_vec_f64().iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&g32.to_dtype(DType::F64).unwrap(), &g64);
+            assert!(
+                diff <= 2e-5 * scale,
+                "{what}: gradient differs by {diff:e} (scale {scale:e})"
+            );
+        }
+    }
+}
+
+#[test]
+fn softmax_kl_is_safe_for_logits_of_any_magnitude() {
+    let mut rng = Rng::new(64);
+    let (rows, classes) = (4, 50);
+    let base = randn(&[rows, classes], &mut rng).to_vec_f64();
+    let t = randn(&[rows, classes], &mut rng).to_vec_f64();
+    for magnitude in [1e-3, 1.0, 1e3, 1e5] {
+        let big = |v: &[f64]| {
+            Tensor::from_vec(
+                v.iter().map(|x| x * magnitude).collect::<Vec<f64>>(),
+                &[rows, classes],
+            )
+            .unwrap()
+        };
+        let (s64, t64) = (big(&base), big(&t));
+        let (s32, t32) = (
+            s64.to_dtype(DType::F32).unwrap(),
+            t64.to_dtype(DType::F32).unwrap(),
+        );
+        let spec = |t_| SoftmaxKl {
+            teacher: Teacher::Logits(t_),
+            temperature: PerRow::Same(2.0),
+            kl_weight: PerRow::Same(0.5),
+            direction: KlDirection::TeacherStudent,
+            labels: Some(&[1, 2, 3, 4]),
+            ce_weight: PerRow::Same(0.5),
+        };
+        let (_, want) = naive_softmax_kl(&s64, &spec(&t64));
+        let (got, grad) = cpu().softmax_kl(&s32, &spec(&t32)).unwrap();
+        assert!(
+            got.mean.is_finite() && grad.to_vec_f64().iter().all(|g| g.is_finite()),
+            "magnitude {magnitude}"
+        );
+        assert!(
+            (got.mean - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "magnitude {magnitude}: {} vs {want}",
+            got.mean
+        );
+    }
+}
+
+#[test]
+fn softmax_kl_rejects_bad_settings() {
+    let mut rng = Rng::new(65);
+    let s = randn(&[3, 4], &mut rng);
+    let t = randn(&[3, 4], &mut rng);
+    let ok = SoftmaxKl {
+        teacher: Teacher::Logits(&t),
+        temperature: PerRow::Same(1.0),
+        kl_weight: PerRow::Same(1.0),
+        direction: KlDirection::TeacherStudent,
+        labels: Some(&[0, 1, 2]),
+        ce_weight: PerRow::Same(0.5),
+    };
+    let err = |spec: SoftmaxKl| cpu().softmax_kl(&s, &spec).unwrap_err().to_string();
+    assert!(err(SoftmaxKl {
+        temperature: PerRow::Same(0.0),
+        ..ok
+    })
+    .contains("temperature"));
+    assert!(err(SoftmaxKl {
+        temperature: PerRow::Each(&[1.0, 2.0]),
+        ..ok
+    })
+    .contains("2 temperature values for 3 rows"));
+    assert!(err(SoftmaxKl {
+        kl_weight: PerRow::Each(&[1.0, f32::NAN, 1.0]),
+        ..ok
+    })
+    .contains("row 1"));
+    assert!(err(SoftmaxKl {
+        labels: Some(&[0, 4, 1]),
+        ..ok
+    })
+    .contains("label 4 of row 1"));
+    assert!(err(SoftmaxKl { labels: None, ..ok }).contains("needs labels"));
+    let wide = randn(&[3, 5], &mut rng);
+    assert!(err(SoftmaxKl {
+        teacher: Teacher::Logits(&wide),
+        ..ok
+    })
+    .contains("shapes differ"));
+    // Every row ignored: a zero loss and gradient, not a NaN.
+    let (loss, grad) = cpu()
+        .softmax_kl(
+            &s,
+            &SoftmaxKl {
+                labels: Some(&[IGNORE_INDEX; 3]),
+                ..ok
+            },
+        )
+        .unwrap();
+    assert!(loss.mean == 0.0 && grad.to_vec_f64().iter().all(|&g| g == 0.0));
 }
 
 /// RetriKT's listwise loss written out naively in f64.

@@ -203,6 +203,40 @@ def build_entries(cfg: transformers.BertConfig, device: torch.device) -> list[En
 
         return step
 
+    def softmax_kl(rows: int, classes: int):
+        # The KD loss as PyTorch code writes it (Hinton: KL(teacher ‖ student) at T = 2, times T²).
+        def make():
+            student = randn(rows, classes, grad=True)
+            teacher = randn(rows, classes)
+            temp = 2.0
+
+            def step():
+                loss = F.kl_div(
+                    F.log_softmax(student / temp, dim=-1),
+                    F.softmax(teacher / temp, dim=-1),
+                    reduction="batchmean",
+                ) * temp**2
+                loss.backward()
+                student.grad = None
+
+            return step
+
+        return make
+
+    def nucleus_sampling():
+        # The usual top-p sampler (as in transformers' TopPLogitsWarper + multinomial).
+        logits = randn(16, 49152)
+
+        def step():
+            probs = F.softmax(logits / 0.9, dim=-1)
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+            drop = sorted_p.cumsum(dim=-1) - sorted_p > 0.9
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            choice = torch.multinomial(sorted_p, 1)
+            return order.gather(-1, choice)
+
+        return step
+
     def cos_topk():
         keys = F.normalize(randn(100_000, h), dim=-1)
         queries = randn(256, h)
@@ -224,6 +258,9 @@ def build_entries(cfg: transformers.BertConfig, device: torch.device) -> list[En
         (f"softmax-ce/fwd-bwd/{BATCH}x2", softmax_ce, Work(bytes=2 * BATCH * 2 * F32)),
         (f"listwise-cos-kl/fwd-bwd/n128-d{h}", listwise_cos_kl, Work(flops=3 * 2 * 128 * 128 * h)),
         (f"cos-topk/q256-n100000-d{h}-k16", cos_topk, Work(flops=2 * 256 * 100_000 * h)),
+        ("softmax-kl/fwd-bwd/4096x32000", softmax_kl(4096, 32000), Work(bytes=3 * 4096 * 32000 * F32)),
+        ("softmax-kl/fwd-bwd/256x2", softmax_kl(256, 2), Work(bytes=3 * 256 * 2 * F32)),
+        ("sampling/nucleus/b16x49152", nucleus_sampling, Work(bytes=16 * 49152 * F32)),
     ]
 
 

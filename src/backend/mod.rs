@@ -6,6 +6,7 @@
 //! passed as `lengths` so padded positions never influence a real one.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::similarity::TopK;
 
@@ -125,6 +126,116 @@ pub enum KlDirection {
     StudentTeacher,
     /// `KL(teacher ‖ student)`: the usual distillation direction.
     TeacherStudent,
+}
+
+/// A loss setting (temperature, weight) shared by every row, or one value per row (DynSDPB).
+#[derive(Clone, Copy, Debug)]
+pub enum PerRow<'a> {
+    Same(f32),
+    Each(&'a [f32]),
+}
+
+impl PerRow<'_> {
+    pub fn get(&self, row: usize) -> f32 {
+        match self {
+            PerRow::Same(v) => *v,
+            PerRow::Each(v) => v[row],
+        }
+    }
+
+    /// Checks the length and that every value is finite (and positive where `positive`).
+    fn check(&self, what: &str, rows: usize, positive: bool) -> Result<()> {
+        let values: &[f32] = match self {
+            PerRow::Same(v) => std::slice::from_ref(v),
+            PerRow::Each(v) => {
+                if v.len() != rows {
+                    bail!("softmax-KL: {} {what} values for {rows} rows", v.len());
+                }
+                v
+            }
+        };
+        if let Some((i, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite() || (positive && **v <= 0.0))
+        {
+            let need = if positive {
+                "positive and finite"
+            } else {
+                "finite"
+            };
+            bail!("softmax-KL: {what} {v} (row {i}) must be {need}");
+        }
+        Ok(())
+    }
+}
+
+/// What a student's logits are matched against: the teacher's logits (softened by the temperature
+/// like the student's), or a distribution given directly (e.g. a reward model's probabilities).
+#[derive(Clone, Copy, Debug)]
+pub enum Teacher<'a> {
+    Logits(&'a Tensor),
+    Probs(&'a Tensor),
+}
+
+/// A label that marks a row to leave out (padding): no loss, no gradient, not counted in the mean.
+pub const IGNORE_INDEX: u32 = u32::MAX;
+
+/// The general distillation loss of one row `i` of student logits `s`, with `τ = temperature[i]`:
+/// `ce_weight[i]·CE(label_i, softmax(s)) + kl_weight[i]·τ²·KL` where the KL is between
+/// `softmax(s/τ)` and the teacher's `softmax(t/τ)` (or its probabilities as given), in `direction`.
+/// The loss is the mean over rows whose label is not [`IGNORE_INDEX`] (all rows without labels).
+/// Hinton's KD is `ce_weight = 1 − α`, `kl_weight = α`; DynSDPB passes per-row weights and temperatures.
+#[derive(Clone, Copy, Debug)]
+pub struct SoftmaxKl<'a> {
+    pub teacher: Teacher<'a>,
+    pub temperature: PerRow<'a>,
+    pub kl_weight: PerRow<'a>,
+    pub direction: KlDirection,
+    /// Hard labels for the cross-entropy term and for [`IGNORE_INDEX`] rows; `None` = no CE, every row counts.
+    pub labels: Option<&'a [u32]>,
+    pub ce_weight: PerRow<'a>,
+}
+
+impl SoftmaxKl<'_> {
+    /// Checks the settings against `rows × classes` student logits; returns the number of rows counted.
+    pub fn validate(&self, student: &Tensor) -> Result<usize> {
+        let (rows, classes) = student.rows_cols();
+        let teacher = match self.teacher {
+            Teacher::Logits(t) | Teacher::Probs(t) => t,
+        };
+        check_same_shape("softmax-KL (student vs teacher)", student, teacher)?;
+        self.temperature.check("temperature", rows, true)?;
+        self.kl_weight.check("KL weight", rows, false)?;
+        self.ce_weight.check("CE weight", rows, false)?;
+        let Some(labels) = self.labels else {
+            if (0..rows).any(|r| self.ce_weight.get(r) != 0.0) {
+                bail!("softmax-KL: a cross-entropy weight needs labels");
+            }
+            return Ok(rows);
+        };
+        if labels.len() != rows {
+            bail!(
+                "softmax-KL: {} labels for {rows} rows of logits",
+                labels.len()
+            );
+        }
+        if let Some((i, &l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l != IGNORE_INDEX && l as usize >= classes)
+        {
+            bail!("softmax-KL: label {l} of row {i} is out of range for {classes} classes");
+        }
+        Ok(labels.iter().filter(|&&l| l != IGNORE_INDEX).count())
+    }
+}
+
+/// Per-row losses (0 for ignored rows) and their mean over the counted rows.
+#[derive(Clone, Debug)]
+pub struct RowLosses {
+    pub mean: f64,
+    pub rows: Vec<f64>,
 }
 
 /// Shape of a multi-head attention call over `[batch * seq, heads * head_dim]` activations.
@@ -309,6 +420,14 @@ pub trait Backend: Send + Sync {
     /// Mean cross-entropy of `logits [rows, classes]` against `labels`, and its gradient w.r.t. the logits.
     fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)>;
 
+    /// The fused softmax-KL loss ([`SoftmaxKl`]) of `student [rows, classes]` logits and its gradient
+    /// with respect to them, in one pass over both logit arrays (teacher values are constants).
+    fn softmax_kl(&self, student: &Tensor, loss: &SoftmaxKl) -> Result<(RowLosses, Tensor)>;
+
+    /// [`Backend::softmax_kl`] writing the gradient over the student logits (no second buffer: for
+    /// vocabulary-sized rows, and the chunks of the fused LM-head loss).
+    fn softmax_kl_in_place(&self, logits: &mut Tensor, loss: &SoftmaxKl) -> Result<RowLosses>;
+
     /// The Hinton distillation loss, mean over rows: `(1−α)·CE(labels, s) + α·τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`,
     /// and its gradient with respect to the student logits `s` (teacher logits `t` are constants).
     fn distill_loss(
@@ -318,7 +437,21 @@ pub trait Backend: Send + Sync {
         labels: &[u32],
         alpha: f32,
         temperature: f32,
-    ) -> Result<(f64, Tensor)>;
+    ) -> Result<(f64, Tensor)> {
+        if !(0.0..=1.0).contains(&alpha) {
+            bail!("distillation loss: alpha {alpha} is not in [0, 1]");
+        }
+        let spec = SoftmaxKl {
+            teacher: Teacher::Logits(teacher),
+            temperature: PerRow::Same(temperature),
+            kl_weight: PerRow::Same(alpha),
+            direction: KlDirection::TeacherStudent,
+            labels: Some(labels),
+            ce_weight: PerRow::Same(1.0 - alpha),
+        };
+        let (loss, grad) = self.softmax_kl(student, &spec)?;
+        Ok((loss.mean, grad))
+    }
 
     /// RetriKT's listwise loss (methods §2.6): for each row i, the distributions
     /// `softmax_{j≠i}(cos(x_i, x_j)/τ)` of the student (τ = `tau_student`) and of the teacher
@@ -383,9 +516,16 @@ pub trait Backend: Send + Sync {
 pub fn backend(device: Device) -> Result<&'static dyn Backend> {
     match device {
         Device::Cpu => Ok(cpu::CpuBackend::get()),
-        Device::Cuda(_) => {
-            bail!("device {device}: this build has no CUDA backend yet; use --device cpu")
-        }
+        Device::Cuda(_) => match cuda::fatbin() {
+            None => bail!(
+                "device {device}: this build has no CUDA kernels: run tools/setup-cuda.sh and \
+                 rebuild (or use --device cpu)"
+            ),
+            Some(_) => bail!(
+                "device {device}: this build has the CUDA kernels, but the CUDA runtime backend \
+                 is not implemented yet; use --device cpu"
+            ),
+        },
     }
 }
 

@@ -9,7 +9,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::backend::{
-    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, Pooling, Sampling, Transpose,
+    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, PerRow, Pooling, Sampling, SoftmaxKl,
+    Teacher, Transpose,
 };
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
@@ -62,12 +63,31 @@ enum Work {
     Tokens(f64),
 }
 
+/// The timed call of an entry.
+type Body = Box<dyn FnMut() -> Result<()>>;
+
+/// An entry: its inputs are built only when it is selected (the largest take a gigabyte).
 struct Case {
     name: String,
     work: Work,
-    body: Box<dyn FnMut() -> Result<()>>,
+    setup: Box<dyn FnOnce() -> Result<Body>>,
 }
 
+impl Case {
+    fn new(
+        name: impl Into<String>,
+        work: Work,
+        setup: impl FnOnce() -> Result<Body> + 'static,
+    ) -> Case {
+        Case {
+            name: name.into(),
+            work,
+            setup: Box::new(setup),
+        }
+    }
+}
+
+/// Normal random values, seeded by the entry so each entry's inputs are the same in every run.
 fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
     let n = shape.iter().product();
     let data: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
@@ -75,7 +95,6 @@ fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
 }
 
 fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
-    let mut rng = Rng::new(7);
     let mut cases = Vec::new();
     let rows = 32 * 128;
     const F32: f64 = 4.0;
@@ -85,14 +104,17 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
         (rows, 384, 384, Transpose::NT, "nt"),
         (384, 1536, rows, Transpose::TN, "tn"),
     ] {
-        let a = random(&if t.a { [k, m] } else { [m, k] }, &mut rng);
-        let b = random(&if t.b { [n, k] } else { [k, n] }, &mut rng);
-        let mut out = Tensor::zeros(&[m, n], DType::F32);
-        cases.push(Case {
-            name: format!("matmul/{tag}/{m}x{k}x{n}/f32"),
-            work: Work::Flops(2.0 * (m * n * k) as f64),
-            body: Box::new(move || be.matmul(&a, &b, t, &mut out, false)),
-        });
+        cases.push(Case::new(
+            format!("matmul/{tag}/{m}x{k}x{n}/f32"),
+            Work::Flops(2.0 * (m * n * k) as f64),
+            move || {
+                let mut rng = Rng::new(1);
+                let a = random(&if t.a { [k, m] } else { [m, k] }, &mut rng);
+                let b = random(&if t.b { [n, k] } else { [k, n] }, &mut rng);
+                let mut out = Tensor::zeros(&[m, n], DType::F32);
+                Ok(Box::new(move || be.matmul(&a, &b, t, &mut out, false)))
+            },
+        ));
     }
 
     let shape = AttnShape {
@@ -101,134 +123,189 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
         heads: 12,
     };
     let width = 384;
-    let (q, k, v) = (
-        random(&[rows, width], &mut rng),
-        random(&[rows, width], &mut rng),
-        random(&[rows, width], &mut rng),
-    );
+    let qkv = move || {
+        let mut rng = Rng::new(2);
+        let x: [Tensor; 4] = std::array::from_fn(|_| random(&[rows, width], &mut rng));
+        x
+    };
     let lengths = vec![128u32; 32];
     let attn_flops = 4.0 * (32 * 12 * 128 * 128 * 32) as f64;
-    {
-        let (q, k, v, lengths) = (q.clone(), k.clone(), v.clone(), lengths.clone());
-        cases.push(Case {
-            name: "attention/fwd/b32-h12-t128-d32/f32".into(),
-            work: Work::Flops(attn_flops),
-            body: Box::new(move || {
-                be.attention(&q, &k, &v, shape, &lengths, Dropout::OFF)
+    let lengths_fwd = lengths.clone();
+    cases.push(Case::new(
+        "attention/fwd/b32-h12-t128-d32/f32",
+        Work::Flops(attn_flops),
+        move || {
+            let [q, k, v, _] = qkv();
+            Ok(Box::new(move || {
+                be.attention(&q, &k, &v, shape, &lengths_fwd, Dropout::OFF)
                     .map(drop)
-            }),
-        });
-    }
-    let dout = random(&[rows, width], &mut rng);
-    cases.push(Case {
-        name: "attention/fwd-bwd/b32-h12-t128-d32/f32".into(),
-        work: Work::Flops(attn_flops * 2.5),
-        body: Box::new(move || {
-            let (_, probs) = be.attention(&q, &k, &v, shape, &lengths, Dropout::OFF)?;
-            be.attention_backward(&dout, &q, &k, &v, &probs, shape, &lengths, Dropout::OFF)
-                .map(drop)
-        }),
-    });
+            }))
+        },
+    ));
+    cases.push(Case::new(
+        "attention/fwd-bwd/b32-h12-t128-d32/f32",
+        Work::Flops(attn_flops * 2.5),
+        move || {
+            let [q, k, v, dout] = qkv();
+            Ok(Box::new(move || {
+                let (_, probs) = be.attention(&q, &k, &v, shape, &lengths, Dropout::OFF)?;
+                be.attention_backward(&dout, &q, &k, &v, &probs, shape, &lengths, Dropout::OFF)
+                    .map(drop)
+            }))
+        },
+    ));
 
-    let x = random(&[rows, 384], &mut rng);
-    let (gamma, beta) = (random(&[384], &mut rng), random(&[384], &mut rng));
+    let norm_inputs = move || {
+        let mut rng = Rng::new(3);
+        let x = random(&[rows, 384], &mut rng);
+        let dy = random(&[rows, 384], &mut rng);
+        let (gamma, beta) = (random(&[384], &mut rng), random(&[384], &mut rng));
+        (x, dy, gamma, beta)
+    };
     let elems = (rows * 384) as f64;
-    {
-        let (x, gamma, beta) = (x.clone(), gamma.clone(), beta.clone());
-        cases.push(Case {
-            name: "layernorm/fwd/4096x384/f32".into(),
-            work: Work::Bytes(2.0 * elems * F32),
-            body: Box::new(move || be.layer_norm(&x, &gamma, &beta, 1e-12).map(drop)),
-        });
-    }
-    let dy = random(&[rows, 384], &mut rng);
-    let (mut dg, mut db) = (gamma.zeros_like(), beta.zeros_like());
-    cases.push(Case {
-        name: "layernorm/fwd-bwd/4096x384/f32".into(),
-        work: Work::Bytes(5.0 * elems * F32),
-        body: Box::new(move || {
-            let (_, stats) = be.layer_norm(&x, &gamma, &beta, 1e-12)?;
-            be.layer_norm_backward(&dy, &x, &gamma, &stats, &mut dg, &mut db)
-                .map(drop)
-        }),
-    });
+    cases.push(Case::new(
+        "layernorm/fwd/4096x384/f32",
+        Work::Bytes(2.0 * elems * F32),
+        move || {
+            let (x, _, gamma, beta) = norm_inputs();
+            Ok(Box::new(move || {
+                be.layer_norm(&x, &gamma, &beta, 1e-12).map(drop)
+            }))
+        },
+    ));
+    cases.push(Case::new(
+        "layernorm/fwd-bwd/4096x384/f32",
+        Work::Bytes(5.0 * elems * F32),
+        move || {
+            let (x, dy, gamma, beta) = norm_inputs();
+            let (mut dg, mut db) = (gamma.zeros_like(), beta.zeros_like());
+            Ok(Box::new(move || {
+                let (_, stats) = be.layer_norm(&x, &gamma, &beta, 1e-12)?;
+                be.layer_norm_backward(&dy, &x, &gamma, &stats, &mut dg, &mut db)
+                    .map(drop)
+            }))
+        },
+    ));
 
-    let h = random(&[rows, 1536], &mut rng);
     let gelu_elems = (rows * 1536) as f64;
-    {
-        let h = h.clone();
-        cases.push(Case {
-            name: "gelu/fwd/4096x1536/f32".into(),
-            work: Work::Bytes(2.0 * gelu_elems * F32),
-            body: Box::new(move || be.gelu(&h).map(drop)),
-        });
+    cases.push(Case::new(
+        "gelu/fwd/4096x1536/f32",
+        Work::Bytes(2.0 * gelu_elems * F32),
+        move || {
+            let h = random(&[rows, 1536], &mut Rng::new(4));
+            Ok(Box::new(move || be.gelu(&h).map(drop)))
+        },
+    ));
+    cases.push(Case::new(
+        "gelu/bwd/4096x1536/f32",
+        Work::Bytes(3.0 * gelu_elems * F32),
+        move || {
+            let mut rng = Rng::new(4);
+            let (h, dh) = (
+                random(&[rows, 1536], &mut rng),
+                random(&[rows, 1536], &mut rng),
+            );
+            Ok(Box::new(move || be.gelu_backward(&h, &dh).map(drop)))
+        },
+    ));
+
+    cases.push(Case::new(
+        "softmax-ce/fwd-bwd/32x2/f32",
+        Work::Bytes(2.0 * 64.0 * F32),
+        move || {
+            let logits = random(&[32, 2], &mut Rng::new(5));
+            let labels: Vec<u32> = (0..32).map(|i| i % 2).collect();
+            Ok(Box::new(move || {
+                be.cross_entropy(&logits, &labels).map(drop)
+            }))
+        },
+    ));
+
+    // The shapes PyTorch's `kl_div(log_softmax(s/T), softmax(t/T))·T²` is timed at in
+    // tools/torch_bench.py: read both logit arrays, write the gradient.
+    for (r, c) in [(4096, 32000), (256, 2)] {
+        cases.push(Case::new(
+            format!("softmax-kl/fwd-bwd/{r}x{c}/f32"),
+            Work::Bytes(3.0 * (r * c) as f64 * F32),
+            move || {
+                let mut rng = Rng::new(6);
+                let (student, teacher) = (random(&[r, c], &mut rng), random(&[r, c], &mut rng));
+                Ok(Box::new(move || {
+                    let spec = SoftmaxKl {
+                        teacher: Teacher::Logits(&teacher),
+                        temperature: PerRow::Same(2.0),
+                        kl_weight: PerRow::Same(1.0),
+                        direction: KlDirection::TeacherStudent,
+                        labels: None,
+                        ce_weight: PerRow::Same(0.0),
+                    };
+                    be.softmax_kl(&student, &spec).map(drop)
+                }))
+            },
+        ));
     }
-    let dh = random(&[rows, 1536], &mut rng);
-    cases.push(Case {
-        name: "gelu/bwd/4096x1536/f32".into(),
-        work: Work::Bytes(3.0 * gelu_elems * F32),
-        body: Box::new(move || be.gelu_backward(&h, &dh).map(drop)),
-    });
 
-    let logits = random(&[32, 2], &mut rng);
-    let labels: Vec<u32> = (0..32).map(|i| i % 2).collect();
-    cases.push(Case {
-        name: "softmax-ce/fwd-bwd/32x2/f32".into(),
-        work: Work::Bytes(2.0 * 64.0 * F32),
-        body: Box::new(move || be.cross_entropy(&logits, &labels).map(drop)),
-    });
-
-    let (student, teacher) = (random(&[128, 384], &mut rng), random(&[128, 384], &mut rng));
-    cases.push(Case {
-        name: "listwise-cos-kl/fwd-bwd/n128-d384/f32".into(),
+    cases.push(Case::new(
+        "listwise-cos-kl/fwd-bwd/n128-d384/f32",
         // Two 128×128×384 similarity products and the 128×128×384 gradient product.
-        work: Work::Flops(3.0 * 2.0 * (128 * 128 * 384) as f64),
-        body: Box::new(move || {
-            be.listwise_cos_kl(&student, &teacher, 0.1, 0.2, KlDirection::StudentTeacher)
-                .map(drop)
-        }),
-    });
+        Work::Flops(3.0 * 2.0 * (128 * 128 * 384) as f64),
+        move || {
+            let mut rng = Rng::new(7);
+            let (student, teacher) = (random(&[128, 384], &mut rng), random(&[128, 384], &mut rng));
+            Ok(Box::new(move || {
+                be.listwise_cos_kl(&student, &teacher, 0.1, 0.2, KlDirection::StudentTeacher)
+                    .map(drop)
+            }))
+        },
+    ));
 
-    let unit = |x: Tensor| be.l2_normalize(&x).expect("f32 rows");
-    let (keys, queries) = (
-        unit(random(&[100_000, 384], &mut rng)),
-        random(&[256, 384], &mut rng),
-    );
-    cases.push(Case {
-        name: "cos-topk/q256-n100000-d384-k16/f32".into(),
-        work: Work::Flops(2.0 * 256.0 * 100_000.0 * 384.0),
-        body: Box::new(move || be.cosine_topk(&keys, &queries, 16).map(drop)),
-    });
+    cases.push(Case::new(
+        "cos-topk/q256-n100000-d384-k16/f32",
+        Work::Flops(2.0 * 256.0 * 100_000.0 * 384.0),
+        move || {
+            let mut rng = Rng::new(8);
+            let keys = be.l2_normalize(&random(&[100_000, 384], &mut rng))?;
+            let queries = random(&[256, 384], &mut rng);
+            Ok(Box::new(move || {
+                be.cosine_topk(&keys, &queries, 16).map(drop)
+            }))
+        },
+    ));
 
-    let vocab_logits = random(&[16, 49152], &mut rng);
-    let mut draw = 0;
-    cases.push(Case {
-        name: "sampling/nucleus/b16x49152/f32".into(),
-        work: Work::Bytes(16.0 * 49152.0 * F32),
-        body: Box::new(move || {
-            draw += 1;
-            let s = Sampling {
-                temperature: 0.9,
-                top_k: 0,
-                top_p: 0.9,
-                seed: 1,
-            };
-            be.sample(&vocab_logits, &s, draw).map(drop)
-        }),
-    });
+    cases.push(Case::new(
+        "sampling/nucleus/b16x49152/f32",
+        Work::Bytes(16.0 * 49152.0 * F32),
+        move || {
+            let vocab_logits = random(&[16, 49152], &mut Rng::new(9));
+            let mut draw = 0;
+            Ok(Box::new(move || {
+                draw += 1;
+                let s = Sampling {
+                    temperature: 0.9,
+                    top_k: 0,
+                    top_p: 0.9,
+                    seed: 1,
+                };
+                be.sample(&vocab_logits, &s, draw).map(drop)
+            }))
+        },
+    ));
 
     let n = 1 << 22;
-    let (mut p, g) = (random(&[n], &mut rng), random(&[n], &mut rng));
-    let (mut m, mut v) = (p.zeros_like(), p.zeros_like());
-    let mut step = 0;
-    cases.push(Case {
-        name: "adamw/step/4194304/f32".into(),
-        work: Work::Bytes(7.0 * n as f64 * F32),
-        body: Box::new(move || {
-            step += 1;
-            be.adamw(&mut p, &g, &mut m, &mut v, &AdamW::default(), step)
-        }),
-    });
+    cases.push(Case::new(
+        "adamw/step/4194304/f32",
+        Work::Bytes(7.0 * n as f64 * F32),
+        move || {
+            let mut rng = Rng::new(10);
+            let (mut p, g) = (random(&[n], &mut rng), random(&[n], &mut rng));
+            let (mut m, mut v) = (p.zeros_like(), p.zeros_like());
+            let mut step = 0;
+            Ok(Box::new(move || {
+                step += 1;
+                be.adamw(&mut p, &g, &mut m, &mut v, &AdamW::default(), step)
+            }))
+        },
+    ));
     cases
 }
 
@@ -244,70 +321,74 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, rng: &mut Rng) -> Batch 
     }
 }
 
-fn model_cases(be: &'static dyn Backend) -> Result<Vec<Case>> {
+/// A randomly initialised MiniLM-L6 classifier and a full-length batch for it.
+fn minilm_setup() -> Result<(SequenceClassifier, ParamStore, Batch)> {
     let config = BertConfig::minilm_l6();
     let mut params = ParamStore::new();
     let model = SequenceClassifier::register(&config, 2, Head::Mean, &mut params);
     params.initialise(1)?;
-    let mut rng = Rng::new(3);
-    let (b, t) = (32, 128);
-    let batch = random_batch(b, t, config.vocab_size, &mut rng);
-    let labels: Vec<u32> = (0..b as u32).map(|i| i % 2).collect();
-    let tokens = (b * t) as f64;
-
-    let fwd_params = params.clone();
-    let fwd_batch = batch.clone();
-    let fwd_model = model.clone();
-    let forward = Case {
-        name: format!("minilm-l6/forward/b{b}x{t}"),
-        work: Work::Tokens(tokens),
-        body: Box::new(move || {
-            let (hidden, _) = fwd_model
-                .encoder
-                .forward(be, &fwd_params, &fwd_batch, Mode::Eval)?;
-            be.pool(&hidden, fwd_batch.seq, &fwd_batch.lengths, Pooling::Mean)
-                .map(drop)
-        }),
-    };
-
-    let mut grads = params.zeros_like();
-    let mut opt = AdamWState::new(
-        &params,
-        AdamW {
-            lr: 5e-5,
-            ..AdamW::default()
-        },
-    );
-    let mut step = 0u64;
-    let train = Case {
-        name: format!("minilm-l6/train-step/b{b}x{t}"),
-        work: Work::Tokens(tokens),
-        body: Box::new(move || {
-            step += 1;
-            grads.fill_zero();
-            model.loss_and_grads(
-                be,
-                &params,
-                &batch,
-                &labels,
-                Mode::Train { seed: step },
-                &mut grads,
-            )?;
-            opt.update(be, &mut params, &grads)
-        }),
-    };
-    Ok(vec![forward, train])
+    let batch = random_batch(32, 128, config.vocab_size, &mut Rng::new(3));
+    Ok((model, params, batch))
 }
 
-fn measure(case: &mut Case, runs: usize, budget: Duration) -> Result<Entry> {
+fn model_cases(be: &'static dyn Backend) -> Vec<Case> {
+    let (b, t) = (32, 128);
+    let tokens = (b * t) as f64;
+    let forward = Case::new(
+        format!("minilm-l6/forward/b{b}x{t}"),
+        Work::Tokens(tokens),
+        move || {
+            let (model, params, batch) = minilm_setup()?;
+            Ok(Box::new(move || {
+                let (hidden, _) = model.encoder.forward(be, &params, &batch, Mode::Eval)?;
+                be.pool(&hidden, batch.seq, &batch.lengths, Pooling::Mean)
+                    .map(drop)
+            }))
+        },
+    );
+    let train = Case::new(
+        format!("minilm-l6/train-step/b{b}x{t}"),
+        Work::Tokens(tokens),
+        move || {
+            let (model, mut params, batch) = minilm_setup()?;
+            let labels: Vec<u32> = (0..b as u32).map(|i| i % 2).collect();
+            let mut grads = params.zeros_like();
+            let mut opt = AdamWState::new(
+                &params,
+                AdamW {
+                    lr: 5e-5,
+                    ..AdamW::default()
+                },
+            );
+            let mut step = 0u64;
+            Ok(Box::new(move || {
+                step += 1;
+                grads.fill_zero();
+                model.loss_and_grads(
+                    be,
+                    &params,
+                    &batch,
+                    &labels,
+                    Mode::Train { seed: step },
+                    &mut grads,
+                )?;
+                opt.update(be, &mut params, &grads)
+            }))
+        },
+    );
+    vec![forward, train]
+}
+
+fn measure(case: Case, runs: usize, budget: Duration) -> Result<Entry> {
+    let mut body = (case.setup)()?;
     let started = Instant::now();
     for _ in 0..2 {
-        (case.body)()?;
+        body()?;
     }
     let mut samples = Vec::with_capacity(runs);
     while samples.len() < runs.max(1) && (samples.len() < 3 || started.elapsed() < budget) {
         let t0 = Instant::now();
-        (case.body)()?;
+        body()?;
         samples.push(t0.elapsed().as_secs_f64());
     }
     samples.sort_by(f64::total_cmp);
@@ -319,7 +400,7 @@ fn measure(case: &mut Case, runs: usize, budget: Duration) -> Result<Entry> {
         Work::Tokens(t) => (None, None, Some(t / median)),
     };
     Ok(Entry {
-        name: case.name.clone(),
+        name: case.name,
         median_ms: median * 1e3,
         runs: samples.len(),
         gflops,
@@ -331,7 +412,7 @@ fn measure(case: &mut Case, runs: usize, budget: Duration) -> Result<Entry> {
 pub fn run(args: Args) -> Result<()> {
     let be = backend(args.device)?;
     let mut cases = op_cases(be);
-    cases.extend(model_cases(be)?);
+    cases.extend(model_cases(be));
     let wanted = |c: &Case| args.filter.as_deref().is_none_or(|f| c.name.contains(f));
     let budget = Duration::from_secs_f64(args.budget);
     if !args.json {
@@ -342,7 +423,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let mut entries = Vec::new();
-    for case in cases.iter_mut().filter(|c| wanted(c)) {
+    for case in cases.into_iter().filter(wanted) {
         let e = measure(case, args.runs, budget)?;
         if !args.json {
             let rate = match (e.gflops, e.gbps, e.tokens_per_s) {

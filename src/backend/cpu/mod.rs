@@ -19,7 +19,8 @@ use std::sync::OnceLock;
 use anyhow::Result;
 
 use super::{
-    AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, Sampling, TopK, Transpose,
+    AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, RowLosses, Sampling,
+    SoftmaxKl, TopK, Transpose,
 };
 use crate::tensor::{Device, Tensor};
 
@@ -202,15 +203,14 @@ impl Backend for CpuBackend {
         losses::cross_entropy(logits, labels)
     }
 
-    fn distill_loss(
-        &self,
-        student: &Tensor,
-        teacher: &Tensor,
-        labels: &[u32],
-        alpha: f32,
-        temperature: f32,
-    ) -> Result<(f64, Tensor)> {
-        losses::distill_loss(student, teacher, labels, alpha, temperature)
+    fn softmax_kl(&self, student: &Tensor, loss: &SoftmaxKl) -> Result<(RowLosses, Tensor)> {
+        let mut grad = student.zeros_like();
+        let losses = losses::softmax_kl_in_place(&mut grad, Some(student), loss)?;
+        Ok((losses, grad))
+    }
+
+    fn softmax_kl_in_place(&self, logits: &mut Tensor, loss: &SoftmaxKl) -> Result<RowLosses> {
+        losses::softmax_kl_in_place(logits, None, loss)
     }
 
     fn listwise_cos_kl(

@@ -139,6 +139,9 @@ pub trait Real:
     fn erf(self) -> Self;
     fn sqrt(self) -> Self;
     fn ln(self) -> Self;
+    /// Natural log in arithmetic only, so loops over it vectorise (f32: about 1 ulp; inputs below
+    /// the smallest normal f32, zero included, are read as that value, ≈ −87.3).
+    fn ln_fast(self) -> Self;
     fn max(self, other: Self) -> Self;
     fn view(s: &Storage) -> Option<&[Self]>;
     fn view_mut(s: &mut Storage) -> Option<&mut [Self]>;
@@ -172,6 +175,10 @@ impl Real for f32 {
     #[inline(always)]
     fn ln(self) -> f32 {
         f32::ln(self)
+    }
+    #[inline(always)]
+    fn ln_fast(self) -> f32 {
+        ln_f32(self)
     }
     #[inline(always)]
     fn max(self, other: f32) -> f32 {
@@ -228,6 +235,10 @@ impl Real for f64 {
         f64::ln(self)
     }
     #[inline(always)]
+    fn ln_fast(self) -> f64 {
+        f64::ln(self)
+    }
+    #[inline(always)]
     fn max(self, other: f64) -> f64 {
         if self > other {
             self
@@ -274,6 +285,41 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r * r + r + 1.0;
     let scale = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
     p * scale
+}
+
+/// ln(x) for f32 in arithmetic only (Cephes `logf`: the mantissa reduced to [√½, √2), a degree-9
+/// polynomial for ln(1 + f)). Denormals, zero and negatives are read as the smallest normal number:
+/// callers use it on probabilities, where that is the honest floor of f32.
+#[inline(always)]
+pub fn ln_f32(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    let x = if x > f32::MIN_POSITIVE {
+        x
+    } else {
+        f32::MIN_POSITIVE
+    };
+    let bits = x.to_bits();
+    // x = m·2^e with m in [0.5, 1).
+    let mut e = ((bits >> 23) as i32 - 126) as f32;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let f = if m < SQRT_HALF {
+        e -= 1.0;
+        m + m - 1.0
+    } else {
+        m - 1.0
+    };
+    let z = f * f;
+    let p = 7.037_683_6e-2_f32;
+    let p = p * f - 1.151_461e-1;
+    let p = p * f + 1.167_699_9e-1;
+    let p = p * f - 1.242_014_1e-1;
+    let p = p * f + 1.424_932_3e-1;
+    let p = p * f - 1.666_805_8e-1;
+    let p = p * f + 2.000_071_4e-1;
+    let p = p * f - 2.499_999_4e-1;
+    let p = p * f + 3.333_333e-1;
+    let y = f * z * p - 2.121_944_4e-4 * e - 0.5 * z;
+    f + y + 0.693_359_4 * e
 }
 
 /// erf(x) for f32 in arithmetic only: Abramowitz & Stegun 7.1.26 (1.5e-7 in exact arithmetic; about
@@ -350,6 +396,66 @@ pub fn max<T: Real>(a: &[T]) -> T {
     m
 }
 
+/// Σ f(a[i]) with [`LANES`] independent accumulators.
+#[inline(always)]
+pub fn sum_map<T: Real>(a: &[T], f: impl Fn(T) -> T) -> T {
+    sum_map2(a, a, |x, _| f(x))
+}
+
+/// Elements per block of the mapped reductions below: a stack buffer that stays in L1.
+const MAP_BLOCK: usize = 256;
+
+/// Adds `x` into lane accumulators (fixed order, so results are reproducible).
+#[inline(always)]
+fn add_lanes<T: Real>(acc: &mut [T; LANES], x: &[T]) {
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] += v;
+    }
+}
+
+/// Σ f(a[i], b[i]). Mapped a block at a time into a buffer, then summed in lanes: a plain map loop
+/// is what LLVM's loop vectoriser handles (an expensive `f`, such as `exp`, written straight into
+/// lane accumulators ends up scalar).
+#[inline(always)]
+pub fn sum_map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [T::ZERO; LANES];
+    let mut buf = [T::ZERO; MAP_BLOCK];
+    for (ac, bc) in a.chunks(MAP_BLOCK).zip(b.chunks(MAP_BLOCK)) {
+        let out = &mut buf[..ac.len()];
+        for ((o, &x), &y) in out.iter_mut().zip(ac).zip(bc) {
+            *o = f(x, y);
+        }
+        add_lanes(&mut acc, out);
+    }
+    acc.iter().copied().sum()
+}
+
+/// In place `a[i] = f(a[i], b[i]).0`, returning Σ `f(a[i], b[i]).1` (blocked as [`sum_map2`]).
+#[inline(always)]
+pub fn update_sum<T: Real>(a: &mut [T], b: &[T], f: impl Fn(T, T) -> (T, T)) -> T {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [T::ZERO; LANES];
+    let mut buf = [T::ZERO; MAP_BLOCK];
+    for (ac, bc) in a.chunks_mut(MAP_BLOCK).zip(b.chunks(MAP_BLOCK)) {
+        let terms = &mut buf[..ac.len()];
+        for ((x, &y), o) in ac.iter_mut().zip(bc).zip(terms.iter_mut()) {
+            let (v, term) = f(*x, y);
+            *x = v;
+            *o = term;
+        }
+        add_lanes(&mut acc, terms);
+    }
+    acc.iter().copied().sum()
+}
+
 /// In place: x ← exp(x − shift); returns Σ of the new values.
 #[inline(always)]
 pub fn exp_shifted_sum<T: Real>(x: &mut [T], shift: T) -> T {
@@ -390,6 +496,25 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp_f32(-200.0), exp_f32(-87.336_55));
+    }
+
+    #[test]
+    fn fast_ln_matches_std() {
+        let mut worst = 0.0f64;
+        let mut x = 1.0e-37f32;
+        while x < 1.0e37 {
+            let exact = (x as f64).ln();
+            worst = worst.max((ln_f32(x) as f64 - exact).abs() / exact.abs().max(1.0));
+            x *= 1.000_37;
+        }
+        assert!(worst < 3e-7, "worst error {worst}");
+        // Either side of the √½ split of the mantissa.
+        let sqrt_half = std::f32::consts::FRAC_1_SQRT_2;
+        let below = f32::from_bits(sqrt_half.to_bits() - 1);
+        for x in [0.5f32, 0.7, below, sqrt_half, 1.0, 1.5, 2.0, 0.999_999_9] {
+            assert!((ln_f32(x) as f64 - (x as f64).ln()).abs() < 2e-7, "ln({x})");
+        }
+        assert_eq!(ln_f32(0.0), ln_f32(f32::MIN_POSITIVE));
     }
 
     #[test]
