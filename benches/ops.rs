@@ -1,19 +1,11 @@
 //! Criterion benches of the encoder's hot ops on the CPU at MiniLM-L6 shapes (batch 32 × 128 tokens).
 
+mod common;
+
+use common::{cpu, random};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kdx::backend::{backend, AttnShape, Backend, Dropout, Transpose};
-use kdx::model::params::Rng;
-use kdx::{Device, Tensor};
-
-fn cpu() -> &'static dyn Backend {
-    backend(Device::Cpu).unwrap()
-}
-
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let n = shape.iter().product();
-    Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f32>>(), shape).unwrap()
-}
+use kdx::backend::{AttnShape, Dropout, Transpose};
+use kdx::Tensor;
 
 const ROWS: usize = 32 * 128;
 

@@ -4,8 +4,9 @@
 mod common;
 
 use common::{check_gradient, max_abs_diff, randn};
+use kdx::backend::head_kl::{head_kl, HeadInput};
 use kdx::backend::{
-    backend, Backend, KlDirection, PerRow, Sampling, SoftmaxKl, Teacher, IGNORE_INDEX,
+    backend, Backend, KlDirection, KlTerms, PerRow, Sampling, SoftmaxKl, Teacher, IGNORE_INDEX,
 };
 use kdx::model::params::Rng;
 use kdx::{DType, Device, Tensor};
@@ -29,7 +30,7 @@ fn log_softmax_rows(x: &[f64], classes: usize, tau: impl Fn(usize) -> f64) -> Ve
 /// The general softmax-KL loss written out naively in f64: per-row losses and their mean.
 fn naive_softmax_kl(student: &Tensor, spec: &SoftmaxKl) -> (Vec<f64>, f64) {
     let (rows, classes) = student.rows_cols();
-    let tau = |r: usize| spec.temperature.get(r) as f64;
+    let tau = |r: usize| spec.terms.temperature.get(r) as f64;
     let ls = log_softmax_rows(&student.to_vec_f64(), classes, tau);
     let l1 = log_softmax_rows(&student.to_vec_f64(), classes, |_| 1.0);
     let lt: Vec<Vec<f64>> = match spec.teacher {
@@ -43,13 +44,13 @@ fn naive_softmax_kl(student: &Tensor, spec: &SoftmaxKl) -> (Vec<f64>, f64) {
     let mut losses = vec![0.0; rows];
     let mut counted = 0;
     for r in 0..rows {
-        let label = spec.labels.map(|l| l[r]);
+        let label = spec.terms.labels.map(|l| l[r]);
         if label == Some(IGNORE_INDEX) {
             continue;
         }
         counted += 1;
         let kl: f64 = (0..classes)
-            .map(|c| match spec.direction {
+            .map(|c| match spec.terms.direction {
                 KlDirection::TeacherStudent if lt[r][c].is_finite() => {
                     lt[r][c].exp() * (lt[r][c] - ls[r][c])
                 }
@@ -58,8 +59,8 @@ fn naive_softmax_kl(student: &Tensor, spec: &SoftmaxKl) -> (Vec<f64>, f64) {
             })
             .sum();
         let ce = label.map_or(0.0, |y| -l1[r][y as usize]);
-        losses[r] =
-            spec.ce_weight.get(r) as f64 * ce + spec.kl_weight.get(r) as f64 * tau(r) * tau(r) * kl;
+        losses[r] = spec.terms.ce_weight.get(r) as f64 * ce
+            + spec.terms.kl_weight.get(r) as f64 * tau(r) * tau(r) * kl;
     }
     let mean = losses.iter().sum::<f64>() / counted as f64;
     (losses, mean)
@@ -96,14 +97,16 @@ fn softmax_kl_every_variant_matches_the_formula_and_finite_differences() {
             for with_labels in [true, false] {
                 let spec = SoftmaxKl {
                     teacher,
-                    temperature: PerRow::Each(&taus),
-                    kl_weight: PerRow::Each(&weights),
-                    direction,
-                    labels: with_labels.then_some(&labels[..]),
-                    ce_weight: if with_labels {
-                        PerRow::Each(&ce_weights)
-                    } else {
-                        PerRow::Same(0.0)
+                    terms: KlTerms {
+                        temperature: PerRow::Each(&taus),
+                        kl_weight: PerRow::Each(&weights),
+                        direction,
+                        labels: with_labels.then_some(&labels[..]),
+                        ce_weight: if with_labels {
+                            PerRow::Each(&ce_weights)
+                        } else {
+                            PerRow::Same(0.0)
+                        },
                     },
                 };
                 let what = format!("{direction:?}, teacher {name}, labels {with_labels}");
@@ -156,11 +159,13 @@ fn softmax_kl_teacher_probs_equal_softened_teacher_logits() {
     for direction in [KlDirection::TeacherStudent, KlDirection::StudentTeacher] {
         let spec = |teacher| SoftmaxKl {
             teacher,
-            temperature: PerRow::Same(tau),
-            kl_weight: PerRow::Same(1.0),
-            direction,
-            labels: None,
-            ce_weight: PerRow::Same(0.0),
+            terms: KlTerms {
+                temperature: PerRow::Same(tau),
+                kl_weight: PerRow::Same(1.0),
+                direction,
+                labels: None,
+                ce_weight: PerRow::Same(0.0),
+            },
         };
         let (a, ga) = cpu().softmax_kl(&s, &spec(Teacher::Logits(&t))).unwrap();
         let (b, gb) = cpu().softmax_kl(&s, &spec(Teacher::Probs(&probs))).unwrap();
@@ -194,11 +199,13 @@ fn softmax_kl_f32_matches_f64_at_awkward_and_vocabulary_shapes() {
         for direction in [KlDirection::TeacherStudent, KlDirection::StudentTeacher] {
             let spec = |t_| SoftmaxKl {
                 teacher: Teacher::Logits(t_),
-                temperature: PerRow::Each(&taus),
-                kl_weight: PerRow::Same(0.8),
-                direction,
-                labels: Some(&labels),
-                ce_weight: PerRow::Same(0.2),
+                terms: KlTerms {
+                    temperature: PerRow::Each(&taus),
+                    kl_weight: PerRow::Same(0.8),
+                    direction,
+                    labels: Some(&labels),
+                    ce_weight: PerRow::Same(0.2),
+                },
             };
             let (l32, g32) = cpu().softmax_kl(&s, &spec(&t)).unwrap();
             let (s64, t64) = (
@@ -245,11 +252,13 @@ fn softmax_kl_is_safe_for_logits_of_any_magnitude() {
         );
         let spec = |t_| SoftmaxKl {
             teacher: Teacher::Logits(t_),
-            temperature: PerRow::Same(2.0),
-            kl_weight: PerRow::Same(0.5),
-            direction: KlDirection::TeacherStudent,
-            labels: Some(&[1, 2, 3, 4]),
-            ce_weight: PerRow::Same(0.5),
+            terms: KlTerms {
+                temperature: PerRow::Same(2.0),
+                kl_weight: PerRow::Same(0.5),
+                direction: KlDirection::TeacherStudent,
+                labels: Some(&[1, 2, 3, 4]),
+                ce_weight: PerRow::Same(0.5),
+            },
         };
         let (_, want) = naive_softmax_kl(&s64, &spec(&t64));
         let (got, grad) = cpu().softmax_kl(&s32, &spec(&t32)).unwrap();
@@ -272,50 +281,39 @@ fn softmax_kl_rejects_bad_settings() {
     let t = randn(&[3, 4], &mut rng);
     let ok = SoftmaxKl {
         teacher: Teacher::Logits(&t),
-        temperature: PerRow::Same(1.0),
-        kl_weight: PerRow::Same(1.0),
-        direction: KlDirection::TeacherStudent,
-        labels: Some(&[0, 1, 2]),
-        ce_weight: PerRow::Same(0.5),
+        terms: KlTerms {
+            temperature: PerRow::Same(1.0),
+            kl_weight: PerRow::Same(1.0),
+            direction: KlDirection::TeacherStudent,
+            labels: Some(&[0, 1, 2]),
+            ce_weight: PerRow::Same(0.5),
+        },
     };
-    let err = |spec: SoftmaxKl| cpu().softmax_kl(&s, &spec).unwrap_err().to_string();
-    assert!(err(SoftmaxKl {
-        temperature: PerRow::Same(0.0),
-        ..ok
-    })
-    .contains("temperature"));
-    assert!(err(SoftmaxKl {
-        temperature: PerRow::Each(&[1.0, 2.0]),
-        ..ok
-    })
-    .contains("2 temperature values for 3 rows"));
-    assert!(err(SoftmaxKl {
-        kl_weight: PerRow::Each(&[1.0, f32::NAN, 1.0]),
-        ..ok
-    })
-    .contains("row 1"));
-    assert!(err(SoftmaxKl {
-        labels: Some(&[0, 4, 1]),
-        ..ok
-    })
-    .contains("label 4 of row 1"));
-    assert!(err(SoftmaxKl { labels: None, ..ok }).contains("needs labels"));
+    let err = |change: &dyn Fn(&mut KlTerms)| {
+        let mut spec = ok;
+        change(&mut spec.terms);
+        cpu().softmax_kl(&s, &spec).unwrap_err().to_string()
+    };
+    assert!(err(&|t| t.temperature = PerRow::Same(0.0)).contains("temperature"));
+    assert!(err(&|t| t.temperature = PerRow::Each(&[1.0, 2.0]))
+        .contains("2 temperature values for 3 rows"));
+    assert!(err(&|t| t.kl_weight = PerRow::Each(&[1.0, f32::NAN, 1.0])).contains("row 1"));
+    assert!(err(&|t| t.labels = Some(&[0, 4, 1])).contains("label 4 of row 1"));
+    assert!(err(&|t| t.labels = None).contains("needs labels"));
     let wide = randn(&[3, 5], &mut rng);
-    assert!(err(SoftmaxKl {
+    let wrong_teacher = SoftmaxKl {
         teacher: Teacher::Logits(&wide),
         ..ok
-    })
-    .contains("shapes differ"));
+    };
+    let message = cpu()
+        .softmax_kl(&s, &wrong_teacher)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("shapes differ"), "{message}");
     // Every row ignored: a zero loss and gradient, not a NaN.
-    let (loss, grad) = cpu()
-        .softmax_kl(
-            &s,
-            &SoftmaxKl {
-                labels: Some(&[IGNORE_INDEX; 3]),
-                ..ok
-            },
-        )
-        .unwrap();
+    let mut all_ignored = ok;
+    all_ignored.terms.labels = Some(&[IGNORE_INDEX; 3]);
+    let (loss, grad) = cpu().softmax_kl(&s, &all_ignored).unwrap();
     assert!(loss.mean == 0.0 && grad.to_vec_f64().iter().all(|&g| g == 0.0));
 }
 
@@ -624,4 +622,95 @@ fn nucleus_sampling_draws_the_exact_distribution() {
             0
         )
         .is_err());
+}
+
+#[test]
+fn fused_head_kl_matches_the_unfused_loss_at_every_chunk_size() {
+    let mut rng = Rng::new(66);
+    let (rows, width, teacher_width, vocab) = (7, 5, 6, 11);
+    let hidden = randn(&[rows, width], &mut rng);
+    let weight = randn(&[vocab, width], &mut rng);
+    let t_hidden = randn(&[rows, teacher_width], &mut rng);
+    let t_weight = randn(&[vocab, teacher_width], &mut rng);
+    let labels = [3u32, IGNORE_INDEX, 0, 10, 7, IGNORE_INDEX, 1];
+    let taus = [0.5f32, 1.0, 2.0, 3.5, 1.7, 0.9, 1.2];
+    let terms = KlTerms {
+        temperature: PerRow::Each(&taus),
+        kl_weight: PerRow::Same(0.8),
+        direction: KlDirection::TeacherStudent,
+        labels: Some(&labels),
+        ce_weight: PerRow::Same(0.3),
+    };
+    let student = HeadInput {
+        hidden: &hidden,
+        weight: &weight,
+    };
+    let teacher = HeadInput {
+        hidden: &t_hidden,
+        weight: &t_weight,
+    };
+    // Unfused reference: whole logits, the loss, then the head's backward.
+    let logits = cpu().linear(&hidden, &weight, None).unwrap();
+    let t_logits = cpu().linear(&t_hidden, &t_weight, None).unwrap();
+    let spec = SoftmaxKl {
+        teacher: Teacher::Logits(&t_logits),
+        terms,
+    };
+    let (want, d_logits) = cpu().softmax_kl(&logits, &spec).unwrap();
+    let mut want_dw = weight.zeros_like();
+    let want_dh = cpu()
+        .linear_backward(&d_logits, &hidden, &weight, &mut want_dw, None)
+        .unwrap();
+    // Chunks are reweighted by an f32 factor (the backends' `scale`): equal to about 1e-8.
+    for chunk in [1, 3, 4, 7, 100] {
+        let mut dw = weight.zeros_like();
+        let (got, dh) = head_kl(cpu(), student, teacher, &terms, chunk, Some(&mut dw)).unwrap();
+        assert!(
+            (got.mean - want.mean).abs() < 1e-12,
+            "chunk {chunk}: {} vs {}",
+            got.mean,
+            want.mean
+        );
+        assert_eq!(got.rows.len(), rows);
+        assert!(got
+            .rows
+            .iter()
+            .zip(&want.rows)
+            .all(|(a, b)| (a - b).abs() < 1e-12));
+        assert!(
+            max_abs_diff(&dh, &want_dh) < 1e-7,
+            "chunk {chunk}: hidden gradient"
+        );
+        assert!(
+            max_abs_diff(&dw, &want_dw) < 1e-7,
+            "chunk {chunk}: head gradient"
+        );
+    }
+    // And against finite differences, through the fused path itself; a frozen head is skipped.
+    let loss_of = |h: &Tensor, w: &Tensor| {
+        let s = HeadInput {
+            hidden: h,
+            weight: w,
+        };
+        head_kl(cpu(), s, teacher, &terms, 3, None).unwrap().0.mean
+    };
+    let (_, dh) = head_kl(cpu(), student, teacher, &terms, 3, None).unwrap();
+    check_gradient(
+        "fused head: hidden",
+        &hidden,
+        &dh,
+        |h| loss_of(h, &weight),
+        1e-6,
+        1e-9,
+    );
+    let mut dw = weight.zeros_like();
+    head_kl(cpu(), student, teacher, &terms, 3, Some(&mut dw)).unwrap();
+    check_gradient(
+        "fused head: weight",
+        &weight,
+        &dw,
+        |w| loss_of(&hidden, w),
+        1e-6,
+        1e-9,
+    );
 }

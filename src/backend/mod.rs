@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod head_kl;
 
 pub use cpu::similarity::TopK;
 
@@ -189,6 +190,13 @@ pub const IGNORE_INDEX: u32 = u32::MAX;
 #[derive(Clone, Copy, Debug)]
 pub struct SoftmaxKl<'a> {
     pub teacher: Teacher<'a>,
+    pub terms: KlTerms<'a>,
+}
+
+/// How each row's loss is made of its terms (see [`SoftmaxKl`]); apart from the teacher, so that
+/// chunked callers ([`head_kl`]) can hand the same terms to every chunk of rows.
+#[derive(Clone, Copy, Debug)]
+pub struct KlTerms<'a> {
     pub temperature: PerRow<'a>,
     pub kl_weight: PerRow<'a>,
     pub direction: KlDirection,
@@ -197,14 +205,9 @@ pub struct SoftmaxKl<'a> {
     pub ce_weight: PerRow<'a>,
 }
 
-impl SoftmaxKl<'_> {
-    /// Checks the settings against `rows × classes` student logits; returns the number of rows counted.
-    pub fn validate(&self, student: &Tensor) -> Result<usize> {
-        let (rows, classes) = student.rows_cols();
-        let teacher = match self.teacher {
-            Teacher::Logits(t) | Teacher::Probs(t) => t,
-        };
-        check_same_shape("softmax-KL (student vs teacher)", student, teacher)?;
+impl<'a> KlTerms<'a> {
+    /// Checks the settings against `rows × classes` logits; returns the number of rows counted.
+    pub fn validate(&self, rows: usize, classes: usize) -> Result<usize> {
         self.temperature.check("temperature", rows, true)?;
         self.kl_weight.check("KL weight", rows, false)?;
         self.ce_weight.check("CE weight", rows, false)?;
@@ -228,6 +231,33 @@ impl SoftmaxKl<'_> {
             bail!("softmax-KL: label {l} of row {i} is out of range for {classes} classes");
         }
         Ok(labels.iter().filter(|&&l| l != IGNORE_INDEX).count())
+    }
+
+    /// The terms of rows `range` only (per-row values and labels sliced).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> KlTerms<'a> {
+        let slice = |v: PerRow<'a>| match v {
+            PerRow::Same(x) => PerRow::Same(x),
+            PerRow::Each(x) => PerRow::Each(&x[range.clone()]),
+        };
+        KlTerms {
+            temperature: slice(self.temperature),
+            kl_weight: slice(self.kl_weight),
+            direction: self.direction,
+            labels: self.labels.map(|l| &l[range.clone()]),
+            ce_weight: slice(self.ce_weight),
+        }
+    }
+}
+
+impl SoftmaxKl<'_> {
+    /// Checks the settings against the student logits; returns the number of rows counted.
+    pub fn validate(&self, student: &Tensor) -> Result<usize> {
+        let teacher = match self.teacher {
+            Teacher::Logits(t) | Teacher::Probs(t) => t,
+        };
+        check_same_shape("softmax-KL (student vs teacher)", student, teacher)?;
+        let (rows, classes) = student.rows_cols();
+        self.terms.validate(rows, classes)
     }
 }
 
@@ -443,11 +473,13 @@ pub trait Backend: Send + Sync {
         }
         let spec = SoftmaxKl {
             teacher: Teacher::Logits(teacher),
-            temperature: PerRow::Same(temperature),
-            kl_weight: PerRow::Same(alpha),
-            direction: KlDirection::TeacherStudent,
-            labels: Some(labels),
-            ce_weight: PerRow::Same(1.0 - alpha),
+            terms: KlTerms {
+                temperature: PerRow::Same(temperature),
+                kl_weight: PerRow::Same(alpha),
+                direction: KlDirection::TeacherStudent,
+                labels: Some(labels),
+                ce_weight: PerRow::Same(1.0 - alpha),
+            },
         };
         let (loss, grad) = self.softmax_kl(student, &spec)?;
         Ok((loss.mean, grad))

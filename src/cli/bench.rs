@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::backend::head_kl::{head_kl, HeadInput};
 use crate::backend::{
-    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, PerRow, Pooling, Sampling, SoftmaxKl,
-    Teacher, Transpose,
+    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, KlTerms, PerRow, Pooling, Sampling,
+    SoftmaxKl, Teacher, Transpose,
 };
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
@@ -93,6 +94,15 @@ fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
     let data: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
     Tensor::from_vec(data, shape).expect("shape matches data")
 }
+
+/// Hinton's soft term at T = 2: what tools/torch_bench.py times PyTorch's `kl_div` at.
+const KD_TERMS: KlTerms<'static> = KlTerms {
+    temperature: PerRow::Same(2.0),
+    kl_weight: PerRow::Same(1.0),
+    direction: KlDirection::TeacherStudent,
+    labels: None,
+    ce_weight: PerRow::Same(0.0),
+};
 
 fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
     let mut cases = Vec::new();
@@ -233,17 +243,44 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
                 Ok(Box::new(move || {
                     let spec = SoftmaxKl {
                         teacher: Teacher::Logits(&teacher),
-                        temperature: PerRow::Same(2.0),
-                        kl_weight: PerRow::Same(1.0),
-                        direction: KlDirection::TeacherStudent,
-                        labels: None,
-                        ce_weight: PerRow::Same(0.0),
+                        terms: KD_TERMS,
                     };
                     be.softmax_kl(&student, &spec).map(drop)
                 }))
             },
         ));
     }
+
+    // SmolLM2's head width and vocabulary: 256 rows in chunks of 64, the head's gradient included.
+    let (rows_h, width, vocab) = (256, 576, 49152);
+    cases.push(Case::new(
+        format!("head-kl/fwd-bwd/r{rows_h}-d{width}-v{vocab}/f32"),
+        // Four products of rows × width × vocab: both heads forward, the hidden and head gradients.
+        Work::Flops(4.0 * 2.0 * (rows_h * width * vocab) as f64),
+        move || {
+            let mut rng = Rng::new(11);
+            let (hidden, weight) = (
+                random(&[rows_h, width], &mut rng),
+                random(&[vocab, width], &mut rng),
+            );
+            let (t_hidden, t_weight) = (
+                random(&[rows_h, width], &mut rng),
+                random(&[vocab, width], &mut rng),
+            );
+            let mut d_weight = weight.zeros_like();
+            Ok(Box::new(move || {
+                let student = HeadInput {
+                    hidden: &hidden,
+                    weight: &weight,
+                };
+                let teacher = HeadInput {
+                    hidden: &t_hidden,
+                    weight: &t_weight,
+                };
+                head_kl(be, student, teacher, &KD_TERMS, 64, Some(&mut d_weight)).map(drop)
+            }))
+        },
+    ));
 
     cases.push(Case::new(
         "listwise-cos-kl/fwd-bwd/n128-d384/f32",

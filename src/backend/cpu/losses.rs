@@ -97,7 +97,7 @@ pub fn softmax_kl_in_place(
                 simd!({
                     for (i, (g, loss)) in g_rows.chunks_mut(classes).zip(loss_rows.iter_mut()).enumerate() {
                         let r = task * rows_per_task + i;
-                        let label = spec.labels.map(|l| l[r]);
+                        let label = spec.terms.labels.map(|l| l[r]);
                         if label == Some(IGNORE_INDEX) {
                             g.fill(T::ZERO);
                             continue;
@@ -105,15 +105,15 @@ pub fn softmax_kl_in_place(
                         if let Some(src) = source {
                             g.copy_from_slice(&src[r * classes..(r + 1) * classes]);
                         }
-                        let tau = T::from_f64(spec.temperature.get(r) as f64);
+                        let tau = T::from_f64(spec.terms.temperature.get(r) as f64);
                         let row = RowSettings {
                             tau,
                             inv_tau: T::ONE / tau,
-                            kl_weight: T::from_f64(spec.kl_weight.get(r) as f64),
-                            ce_weight: T::from_f64(spec.ce_weight.get(r) as f64),
+                            kl_weight: T::from_f64(spec.terms.kl_weight.get(r) as f64),
+                            ce_weight: T::from_f64(spec.terms.ce_weight.get(r) as f64),
                             label: label.unwrap_or(0) as usize,
                             scale: T::from_f64(inv_counted),
-                            direction: spec.direction,
+                            direction: spec.terms.direction,
                         };
                         let t = &td[r * classes..(r + 1) * classes];
                         let hard = label.is_some() && row.ce_weight != T::ZERO;
