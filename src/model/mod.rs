@@ -1,11 +1,14 @@
 //! Models: the BERT encoder and its classifier head, parameters, loading Hugging Face folders,
-//! tokenisation, and installing models from registry packages.
+//! tokenisation, installing models from registry packages, and GGUF files (reading, dequantising,
+//! converting to Hugging Face folders).
 
 pub mod bert;
 pub mod classifier;
 pub mod config;
 pub mod export;
 pub mod fetch;
+pub mod gguf;
+pub mod gguf_convert;
 pub mod params;
 pub mod safetensors_io;
 pub mod tokenizer;
