@@ -3,7 +3,7 @@
 Usage:
 
     HF_HUB_OFFLINE=1 python tools/torch_bench.py [--threads N] [--device cpu|cuda]
-        [--model DIR] [--filter SUBSTR] [--runs 20] [--warmup 3] [--budget 4] [--json]
+        [--model DIR] [--llama-model DIR] [--filter SUBSTR] [--runs 20] [--warmup 3] [--budget 4] [--json]
 
 Each entry is timed as the median over up to --runs samples, after up to
 --warmup warm-up calls. To keep heavy entries such as the training step short,
@@ -20,10 +20,26 @@ Work units:
     forward. Tokens/s uses B*T tokens.
   * elementwise and norm ops: f32 bytes read plus written, activations only
     (forward reads x and writes y; backward reads dy and x and writes dx).
+  * SmolLM2 entries: tokens only (prefill and prompt tuning B*T per call,
+    decoding B per step); they have no rate column.
 
 The MiniLM-L6 model is built from --model DIR/config.json when given, else
 from the all-MiniLM-L6-v2 shapes; weights are random since they do not affect
 speed. With --json the table goes to stderr and one JSON object to stdout.
+
+The SmolLM2-135M entries load LlamaForCausalLM (float32, sdpa attention) from
+--llama-model DIR (default weights/smollm2-135m), with its parameters frozen;
+they are skipped with a note when the folder is missing:
+  * smollm2-135m/prefill/b8x64: a forward over 8 x 64 random token ids with
+    use_cache=True, logits of the last position only (logits_to_keep=1).
+  * smollm2-135m/decode/bB: one decoding step (one new token per sequence and
+    its logits) against a DynamicCache holding 64 tokens per sequence, filled by
+    a prefill outside the timed region; the cache is cropped back to 64 tokens
+    after each step, so every step sees the same cache.
+  * smollm2-135m/prompt-fwd-bwd/b8x64: P-tuning v2 deep prompts (k = 8 key and
+    value vectors per layer, leaf tensors shared by the batch) put in the cache
+    before 8 x 64 tokens at positions 0..63; the shifted LM loss over all tokens
+    and its backward, whose gradients reach only the prompts.
 """
 
 import argparse
@@ -43,6 +59,11 @@ import torch.nn.functional as F
 import transformers
 
 BATCH, SEQ = 32, 128
+LLAMA_NAME = "smollm2-135m"
+LLAMA_BATCH, LLAMA_SEQ = 8, 64
+LLAMA_CACHE = 64
+LLAMA_DECODE_BATCHES = (1, 16)
+PROMPT_LEN = 8
 TOKENS = BATCH * SEQ
 MIN_RUNS = 3
 MIN_SAMPLE_S = 1e-3
@@ -264,6 +285,80 @@ def build_entries(cfg: transformers.BertConfig, device: torch.device) -> list[En
     ]
 
 
+def build_llama_entries(model_dir: str, device: torch.device) -> list[Entry]:
+    """SmolLM2 entries; the model is loaded once, by the first selected entry."""
+    loaded: list[transformers.LlamaForCausalLM] = []
+
+    def model() -> transformers.LlamaForCausalLM:
+        if not loaded:
+            m = transformers.LlamaForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, attn_implementation="sdpa"
+            ).to(device)
+            loaded.append(m.eval().requires_grad_(False))
+        return loaded[0]
+
+    def token_ids(batch: int, seq: int) -> torch.Tensor:
+        return torch.randint(0, model().config.vocab_size, (batch, seq), device=device)
+
+    def prefill():
+        m = model()
+        ids = token_ids(LLAMA_BATCH, LLAMA_SEQ)
+
+        def step():
+            with torch.no_grad():
+                m(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+        return step
+
+    def decode(batch: int):
+        def make():
+            m = model()
+            cache = transformers.DynamicCache(config=m.config)
+            with torch.no_grad():
+                m(input_ids=token_ids(batch, LLAMA_CACHE), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            new = token_ids(batch, 1)
+            position = torch.full((batch, 1), LLAMA_CACHE, device=device)
+
+            def step():
+                with torch.no_grad():
+                    m(input_ids=new, position_ids=position, past_key_values=cache, use_cache=True).logits
+                cache.crop(-1)  # a negative count removes that many tokens from the end
+
+            return step
+
+        return make
+
+    def prompt_fwd_bwd():
+        m = model()
+        cfg = m.config
+        ids = token_ids(LLAMA_BATCH, LLAMA_SEQ)
+        positions = torch.arange(LLAMA_SEQ, device=device).expand(LLAMA_BATCH, -1)
+        # Per layer [k, n_kv_heads, head_dim] keys and values, stacked over layers.
+        shape = (cfg.num_hidden_layers, PROMPT_LEN, cfg.num_key_value_heads, cfg.head_dim)
+        keys = (0.5 * torch.randn(*shape, device=device)).requires_grad_()
+        values = (0.5 * torch.randn(*shape, device=device)).requires_grad_()
+
+        def step():
+            cache = transformers.DynamicCache(config=cfg)
+            for layer in range(cfg.num_hidden_layers):
+                # [k, heads, dim] -> [batch, heads, k, dim], the cache layout
+                k = keys[layer].transpose(0, 1).expand(LLAMA_BATCH, -1, -1, -1)
+                v = values[layer].transpose(0, 1).expand(LLAMA_BATCH, -1, -1, -1)
+                cache.update(k, v, layer)
+            out = m(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, labels=ids)
+            out.loss.backward()
+            keys.grad = values.grad = None
+
+        return step
+
+    tokens = LLAMA_BATCH * LLAMA_SEQ
+    return [
+        (f"{LLAMA_NAME}/prefill/b{LLAMA_BATCH}x{LLAMA_SEQ}", prefill, Work(tokens=tokens)),
+        *((f"{LLAMA_NAME}/decode/b{b}", decode(b), Work(tokens=b)) for b in LLAMA_DECODE_BATCHES),
+        (f"{LLAMA_NAME}/prompt-fwd-bwd/b{LLAMA_BATCH}x{LLAMA_SEQ}", prompt_fwd_bwd, Work(tokens=tokens)),
+    ]
+
+
 def time_entry(step: Callable[[], None], sync: Callable[[], None], args: argparse.Namespace) -> tuple[float, int]:
     """Median seconds per call and the number of samples taken."""
 
@@ -293,6 +388,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", help="model folder whose config.json gives the MiniLM shapes")
+    parser.add_argument(
+        "--llama-model",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "weights", LLAMA_NAME),
+        help="SmolLM2-135M Hugging Face folder (default: weights/smollm2-135m)",
+    )
     parser.add_argument("--filter", default="", help="run only entries whose name contains SUBSTR")
     parser.add_argument("--runs", type=int, default=20, help="timed samples per entry (at most)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up calls per entry")
@@ -309,7 +409,13 @@ def main() -> None:
     table = sys.stderr if args.json else sys.stdout
     print(f"{'entry':<36} {'median ms':>11} {'rate':>15} {'tokens/s':>10} {'runs':>5}", file=table)
     results = []
-    for name, make, work in build_entries(minilm_config(args.model), device):
+    entries = build_entries(minilm_config(args.model), device)
+    llama_entries = build_llama_entries(args.llama_model, device)
+    if os.path.isfile(os.path.join(args.llama_model, "config.json")):
+        entries += llama_entries
+    elif any(args.filter in name for name, _, _ in llama_entries):
+        print(f"note: no model folder at {args.llama_model}; {LLAMA_NAME} entries skipped", file=table)
+    for name, make, work in entries:
         if args.filter not in name:
             continue
         seconds, runs = time_entry(make(), sync, args)
@@ -317,9 +423,11 @@ def main() -> None:
         if work.flops:
             result["gflops"] = round(work.flops / seconds / 1e9, 2)
             rate = f"{result['gflops']:.2f} GFLOP/s"
-        else:
+        elif work.bytes:
             result["gbps"] = round(work.bytes / seconds / 1e9, 3)
             rate = f"{result['gbps']:.3f} GB/s"
+        else:
+            rate = "-"
         tokens = ""
         if work.tokens:
             result["tokens_per_s"] = round(work.tokens / seconds, 1)

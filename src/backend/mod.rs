@@ -276,6 +276,38 @@ pub struct AttnShape {
     pub heads: usize,
 }
 
+/// Shape of a causal (decoder) attention call. Queries are `[batch * q_len, heads * head_dim]`, keys
+/// and values `[batch * kv_len, kv_heads * head_dim]` (grouped-query attention: query head `h` reads
+/// key/value head `h / (heads / kv_heads)`). Query row `i` of sequence `b` sits at position
+/// `q_start[b] + i` and sees the keys at positions `0..=q_start[b] + i` (prefill: `q_start = 0`,
+/// `kv_len = q_len`; one decoding step: `q_len = 1` against a cache), plus every prefix key. With
+/// right padding, real queries never see padded keys, and padded query rows are ignored by callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CausalShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+/// Deep-prompt keys and values of one layer (P-tuning v2), `[prefix, kv_heads * head_dim]` each,
+/// shared by every sequence of the batch and visible to every query; they carry no position.
+#[derive(Clone, Copy, Debug)]
+pub struct Prefix<'a> {
+    pub keys: &'a Tensor,
+    pub values: &'a Tensor,
+}
+
+/// Gradients of a causal attention call; the prefix ones when the call had a prefix.
+#[derive(Debug)]
+pub struct CausalGrads {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+    pub dprefix: Option<(Tensor, Tensor)>,
+}
+
 /// AdamW hyper-parameters, PyTorch's semantics (decoupled decay applied before the Adam update).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -402,6 +434,87 @@ pub trait Backend: Send + Sync {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Result<Tensor>;
+
+    /// RMSNorm (Llama): `y = x / sqrt(mean(x²) + eps) · weight` per row. Returns `y` and each row's
+    /// `1 / rms` (`stats.rstd`; `stats.mean` is unused and empty), which the backward needs.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, NormStats)> {
+        let _ = (x, weight, eps);
+        bail!("rms_norm is not implemented on {}", self.device())
+    }
+    /// Returns `dx`; accumulates into `dweight` when given (frozen weights pass `None` and cost nothing).
+    fn rms_norm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        stats: &NormStats,
+        dweight: Option<&mut Tensor>,
+    ) -> Result<Tensor> {
+        let _ = (dy, x, weight, stats, dweight);
+        bail!("rms_norm_backward is not implemented on {}", self.device())
+    }
+
+    /// Rotary position embedding in place on `x [rows, heads * head_dim]`, Hugging Face's rotate-half
+    /// layout: for `i < head_dim/2`, `(x_i, x_{i+half}) ← (x_i·cos − x_{i+half}·sin, x_{i+half}·cos + x_i·sin)`
+    /// with the angle of row `r`'s position `positions[r]`. `table` is `[max_position, head_dim]`: the
+    /// cosines in its first half, the sines in its second (see `model::llama::rope_table`).
+    /// `inverse` rotates back, which is the backward (a rotation's transpose is its inverse).
+    fn rope(
+        &self,
+        x: &mut Tensor,
+        heads: usize,
+        positions: &[u32],
+        table: &Tensor,
+        inverse: bool,
+    ) -> Result<()> {
+        let _ = (x, heads, positions, table, inverse);
+        bail!("rope is not implemented on {}", self.device())
+    }
+
+    /// SwiGLU: `silu(gate) ⊙ up`, `silu(x) = x·σ(x)`.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let _ = (gate, up);
+        bail!("swiglu is not implemented on {}", self.device())
+    }
+    /// Returns `(dgate, dup)`.
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _ = (gate, up, dy);
+        bail!("swiglu_backward is not implemented on {}", self.device())
+    }
+
+    /// Causal grouped-query attention ([`CausalShape`]) with an optional deep-prompt prefix; scores are
+    /// scaled by `1/sqrt(head_dim)`. Returns the context `[batch * q_len, heads * head_dim]` and the
+    /// probabilities `[batch, heads, q_len, prefix + kv_len]` (zero where masked), which the backward needs.
+    fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prefix: Option<Prefix>,
+        shape: CausalShape,
+        q_start: &[u32],
+    ) -> Result<(Tensor, Tensor)> {
+        let _ = (q, k, v, prefix, shape, q_start);
+        bail!("causal_attention is not implemented on {}", self.device())
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prefix: Option<Prefix>,
+        probs: &Tensor,
+        shape: CausalShape,
+        q_start: &[u32],
+    ) -> Result<CausalGrads> {
+        let _ = (dout, q, k, v, prefix, probs, shape, q_start);
+        bail!(
+            "causal_attention_backward is not implemented on {}",
+            self.device()
+        )
+    }
 
     /// GELU, erf form (as BERT uses).
     fn gelu(&self, x: &Tensor) -> Result<Tensor>;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::backend::cpu::rope::rope_table;
 use crate::backend::head_kl::{head_kl, HeadInput};
 use crate::backend::{
     backend, AdamW, AttnShape, Backend, Dropout, KlDirection, KlTerms, PerRow, Pooling, Sampling,
@@ -216,6 +217,114 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
                 random(&[rows, 1536], &mut rng),
             );
             Ok(Box::new(move || be.gelu_backward(&h, &dh).map(drop)))
+        },
+    ));
+
+    // SmolLM2's shapes: hidden 576 in 9 heads of 64, MLP width 1536, RoPE base 100000.
+    let llama_elems = (rows * 576) as f64;
+    cases.push(Case::new(
+        "rmsnorm/fwd-bwd/4096x576/f32",
+        Work::Bytes(5.0 * llama_elems * F32),
+        move || {
+            let mut rng = Rng::new(12);
+            let (x, dy, weight) = (
+                random(&[rows, 576], &mut rng),
+                random(&[rows, 576], &mut rng),
+                random(&[576], &mut rng),
+            );
+            let mut dweight = weight.zeros_like();
+            Ok(Box::new(move || {
+                let (_, stats) = be.rms_norm(&x, &weight, 1e-5)?;
+                be.rms_norm_backward(&dy, &x, &weight, &stats, Some(&mut dweight))
+                    .map(drop)
+            }))
+        },
+    ));
+    cases.push(Case::new(
+        "tmp-rms/fwd",
+        Work::Bytes(2.0 * llama_elems * F32),
+        move || {
+            let mut rng = Rng::new(12);
+            let (x, weight) = (random(&[rows, 576], &mut rng), random(&[576], &mut rng));
+            Ok(Box::new(move || be.rms_norm(&x, &weight, 1e-5).map(drop)))
+        },
+    ));
+    cases.push(Case::new(
+        "tmp-rms/bwd-none",
+        Work::Bytes(3.0 * llama_elems * F32),
+        move || {
+            let mut rng = Rng::new(12);
+            let (x, dy, weight) = (
+                random(&[rows, 576], &mut rng),
+                random(&[rows, 576], &mut rng),
+                random(&[576], &mut rng),
+            );
+            let (_, stats) = be.rms_norm(&x, &weight, 1e-5)?;
+            Ok(Box::new(move || {
+                be.rms_norm_backward(&dy, &x, &weight, &stats, None)
+                    .map(drop)
+            }))
+        },
+    ));
+    cases.push(Case::new(
+        "tmp-rms/bwd-dw",
+        Work::Bytes(3.0 * llama_elems * F32),
+        move || {
+            let mut rng = Rng::new(12);
+            let (x, dy, weight) = (
+                random(&[rows, 576], &mut rng),
+                random(&[rows, 576], &mut rng),
+                random(&[576], &mut rng),
+            );
+            let (_, stats) = be.rms_norm(&x, &weight, 1e-5)?;
+            let mut dw = weight.zeros_like();
+            Ok(Box::new(move || {
+                be.rms_norm_backward(&dy, &x, &weight, &stats, Some(&mut dw))
+                    .map(drop)
+            }))
+        },
+    ));
+    cases.push(Case::new(
+        "tmp-ln576/fwd",
+        Work::Bytes(2.0 * llama_elems * F32),
+        move || {
+            let mut rng = Rng::new(12);
+            let (x, g, b) = (
+                random(&[rows, 576], &mut rng),
+                random(&[576], &mut rng),
+                random(&[576], &mut rng),
+            );
+            Ok(Box::new(move || be.layer_norm(&x, &g, &b, 1e-5).map(drop)))
+        },
+    ));
+    cases.push(Case::new(
+        "rope/fwd/4096x576-h9/f32",
+        Work::Bytes(2.0 * llama_elems * F32),
+        move || {
+            let mut x = random(&[rows, 576], &mut Rng::new(13));
+            let positions: Vec<u32> = (0..rows as u32).map(|r| r % 128).collect();
+            let table = rope_table(128, 64, 100_000.0, DType::F32);
+            Ok(Box::new(move || {
+                be.rope(&mut x, 9, &positions, &table, false)
+            }))
+        },
+    ));
+    let mlp_elems = (rows * 1536) as f64;
+    cases.push(Case::new(
+        "swiglu/fwd-bwd/4096x1536/f32",
+        // Forward: read gate and up, write y; backward: read gate, up, dy, write both gradients.
+        Work::Bytes(8.0 * mlp_elems * F32),
+        move || {
+            let mut rng = Rng::new(14);
+            let (gate, up, dy) = (
+                random(&[rows, 1536], &mut rng),
+                random(&[rows, 1536], &mut rng),
+                random(&[rows, 1536], &mut rng),
+            );
+            Ok(Box::new(move || {
+                be.swiglu(&gate, &up)?;
+                be.swiglu_backward(&gate, &up, &dy).map(drop)
+            }))
         },
     ));
 

@@ -9,7 +9,9 @@ pub mod export;
 pub mod fetch;
 pub mod gguf;
 pub mod gguf_convert;
+pub mod llama;
 pub mod params;
+pub mod prompts;
 pub mod safetensors_io;
 pub mod tokenizer;
 

@@ -3,6 +3,7 @@
 
 pub mod activations;
 pub mod attention;
+pub mod causal_attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
@@ -10,6 +11,7 @@ pub mod losses;
 pub mod norms;
 pub mod optimizer;
 pub mod pooling;
+pub mod rope;
 pub mod sampling;
 pub mod simd;
 pub mod similarity;
@@ -19,8 +21,8 @@ use std::sync::OnceLock;
 use anyhow::Result;
 
 use super::{
-    AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, RowLosses, Sampling,
-    SoftmaxKl, TopK, Transpose,
+    AdamW, AttnShape, Backend, CausalGrads, CausalShape, Dropout, KlDirection, NormStats, Pooling,
+    Prefix, RowLosses, Sampling, SoftmaxKl, TopK, Transpose,
 };
 use crate::tensor::{Device, Tensor};
 
@@ -143,6 +145,40 @@ impl Backend for CpuBackend {
         norms::layer_norm_backward(dy, x, gamma, stats, dgamma, dbeta)
     }
 
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, NormStats)> {
+        norms::rms_norm(x, weight, eps)
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        stats: &NormStats,
+        dweight: Option<&mut Tensor>,
+    ) -> Result<Tensor> {
+        norms::rms_norm_backward(dy, x, weight, stats, dweight)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Tensor,
+        heads: usize,
+        positions: &[u32],
+        table: &Tensor,
+        inverse: bool,
+    ) -> Result<()> {
+        rope::rope(x, heads, positions, table, inverse)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        activations::swiglu(gate, up)
+    }
+
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        activations::swiglu_backward(gate, up, dy)
+    }
+
     fn gelu(&self, x: &Tensor) -> Result<Tensor> {
         activations::gelu(x)
     }
@@ -197,6 +233,32 @@ impl Backend for CpuBackend {
         pooling: Pooling,
     ) -> Result<Tensor> {
         pooling::pool_backward(dy, seq, lengths, pooling)
+    }
+
+    fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prefix: Option<Prefix>,
+        shape: CausalShape,
+        q_start: &[u32],
+    ) -> Result<(Tensor, Tensor)> {
+        causal_attention::forward(q, k, v, prefix, shape, q_start)
+    }
+
+    fn causal_attention_backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prefix: Option<Prefix>,
+        probs: &Tensor,
+        shape: CausalShape,
+        q_start: &[u32],
+    ) -> Result<CausalGrads> {
+        causal_attention::backward(dout, q, k, v, prefix, probs, shape, q_start)
     }
 
     fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {

@@ -1,12 +1,12 @@
-//! Layer norm (forward, backward) and row L2 normalisation.
+//! Layer norm and RMSNorm (forward, backward), and row L2 normalisation.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::elementwise::{add_partials, column_partials};
 use super::simd::{dot, simd, sum, Real, SendPtr};
 use super::{row_chunk, with_real};
-use crate::backend::NormStats;
+use crate::backend::{check_same_shape, NormStats};
 use crate::tensor::Tensor;
 
 fn check_affine(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(usize, usize)> {
@@ -123,6 +123,135 @@ pub fn layer_norm_backward(
         }
     });
     Ok(dx)
+}
+
+/// Checks an RMSNorm input against its weight; returns `(rows, cols)`.
+fn check_rms(op: &str, x: &Tensor, weight: &Tensor) -> Result<(usize, usize)> {
+    let (rows, cols) = x.rows_cols();
+    if x.shape().is_empty() || cols == 0 {
+        bail!("{op}: input {:?} has no features to normalise", x.shape());
+    }
+    if weight.shape() != [cols] {
+        bail!(
+            "{op}: input has {cols} features but the weight is {:?} (expected [{cols}])",
+            weight.shape()
+        );
+    }
+    if weight.dtype() != x.dtype() {
+        bail!(
+            "{op}: the input is {} but the weight is {}",
+            x.dtype(),
+            weight.dtype()
+        );
+    }
+    Ok((rows, cols))
+}
+
+/// Hugging Face's LlamaRMSNorm: `y = x · rsqrt(mean(x²) + eps) · weight`, in the tensor's precision.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, NormStats)> {
+    let (rows, cols) = check_rms("RMSNorm", x, weight)?;
+    let mut y = x.zeros_like();
+    let mut rstd = Tensor::zeros(&[rows], x.dtype());
+    with_real!(x.dtype(), T => {
+        let (xd, w) = (x.data::<T>()?, weight.data::<T>()?);
+        let eps = T::from_f64(eps as f64);
+        let chunk = row_chunk(rows, cols);
+        y.data_mut::<T>()?
+            .par_chunks_mut(chunk * cols)
+            .zip(rstd.data_mut::<T>()?.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(c, (yc, rc))| {
+                simd!({
+                    for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
+                        let xr = &xd[(c * chunk + r) * cols..][..cols];
+                        rc[r] = rms_row(xr, w, eps, yr);
+                    }
+                })
+            });
+    });
+    let mean = Tensor::zeros(&[0], x.dtype());
+    Ok((y, NormStats { mean, rstd }))
+}
+
+/// One row of [`rms_norm`]: writes `y` and returns 1/rms. `(x·r)·w` in that order, as transformers
+/// multiplies, so f32 results round the same way.
+#[inline(always)]
+fn rms_row<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T]) -> T {
+    let n = T::from_f64(x.len() as f64);
+    let rs = T::ONE / (dot(x, x) / n + eps).sqrt();
+    for ((o, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
+        *o = xv * rs * wv;
+    }
+    rs
+}
+
+/// Backward of [`rms_norm`]. With `g = dy ⊙ w` and `r` = 1/rms: `dx = r·(g − x·r²·⟨g, x⟩/n)`;
+/// `dweight += Σ_rows dy ⊙ x·r`, only when asked.
+pub fn rms_norm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    stats: &NormStats,
+    dweight: Option<&mut Tensor>,
+) -> Result<Tensor> {
+    let op = "RMSNorm backward";
+    let (rows, cols) = check_rms(op, x, weight)?;
+    check_same_shape(&format!("{op} (dy vs x)"), dy, x)?;
+    if stats.rstd.shape() != [rows] || stats.rstd.dtype() != x.dtype() {
+        bail!(
+            "{op}: the saved 1/rms is {} {:?}, expected {} [{rows}] from the forward of this input",
+            stats.rstd.dtype(),
+            stats.rstd.shape(),
+            x.dtype()
+        );
+    }
+    if let Some(dw) = dweight.as_deref() {
+        check_rms(&format!("{op} (dweight)"), x, dw)?;
+    }
+    let mut dx = x.zeros_like();
+    with_real!(x.dtype(), T => {
+        let (dyd, xd, w, rstd) = (dy.data::<T>()?, x.data::<T>()?, weight.data::<T>()?, stats.rstd.data::<T>()?);
+        let width = if dweight.is_some() { cols } else { 0 };
+        // At most 64 chunks of rows, each with its own dweight partial (empty when not asked), added
+        // in order afterwards: the same sums whatever the thread count.
+        let chunk = row_chunk(rows, cols).max(rows.div_ceil(64));
+        let partials: Vec<Vec<T>> = dx
+            .data_mut::<T>()?
+            .par_chunks_mut(chunk * cols)
+            .enumerate()
+            .map(|(c, dxc)| {
+                let mut acc = vec![T::ZERO; width];
+                simd!({
+                    for (r, dxr) in dxc.chunks_exact_mut(cols).enumerate() {
+                        let row = c * chunk + r;
+                        let (xr, dyr) = (&xd[row * cols..][..cols], &dyd[row * cols..][..cols]);
+                        rms_row_backward(dyr, xr, w, rstd[row], dxr, &mut acc);
+                    }
+                });
+                acc
+            })
+            .collect();
+        if let Some(dw) = dweight {
+            add_partials(dw.data_mut::<T>()?, &partials, cols);
+        }
+    });
+    Ok(dx)
+}
+
+/// One row of [`rms_norm_backward`]: writes `dx`, and adds `dy ⊙ x·r` into `dw` unless it is empty.
+#[inline(always)]
+fn rms_row_backward<T: Real>(dy: &[T], x: &[T], w: &[T], rs: T, dx: &mut [T], dw: &mut [T]) {
+    let n = T::from_f64(x.len() as f64);
+    for ((d, &dyv), &wv) in dx.iter_mut().zip(dy).zip(w) {
+        *d = dyv * wv;
+    }
+    let c = dot(dx, x) / n * rs * rs;
+    for (d, &xv) in dx.iter_mut().zip(x) {
+        *d = rs * (*d - xv * c);
+    }
+    for ((a, &dyv), &xv) in dw.iter_mut().zip(dy).zip(x) {
+        *a += dyv * xv * rs;
+    }
 }
 
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
