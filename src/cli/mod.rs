@@ -8,6 +8,8 @@ mod embed;
 mod eval;
 mod fetch;
 mod finetune;
+pub mod generate;
+mod prompt_tune;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -17,7 +19,8 @@ use clap::{Parser, Subcommand};
     name = "kdx",
     version,
     about = "Knowledge distillation and compression for transformer models",
-    long_about = "kdx trains, distils and benchmarks BERT-family encoders with its own CPU SIMD kernels.\n\
+    long_about = "kdx trains, distils and benchmarks BERT-family encoders and Llama-family decoders with its\n\
+                  own CPU SIMD kernels.\n\
                   Start with `kdx fetch minilm-l6`, then `kdx embed --model weights/minilm-l6 \"some text\"`,\n\
                   or `kdx finetune --model weights/minilm-l6 --task uci-sentiment --out runs/teacher`."
 )]
@@ -40,6 +43,10 @@ enum Command {
     Distill(distill::Args),
     /// Evaluate a trained classifier on a split of a task
     Eval(eval::Args),
+    /// Continue texts with a Llama-family model (KV cache, greedy or nucleus sampling); JSON lines
+    Generate(generate::Args),
+    /// Train deep prompts (P-tuning v2) on a text file, the model frozen
+    PromptTune(prompt_tune::Args),
     /// Time every op and a whole training step; print a table or JSON
     Bench(bench::Args),
 }
@@ -52,6 +59,8 @@ pub fn run() -> Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Distill(args) => distill::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::PromptTune(args) => prompt_tune::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -1,6 +1,7 @@
 //! Training: optimizer state, the learning-rate schedule, checkpoints, and the training loop.
 
 pub mod checkpoint;
+pub mod prompt_tune;
 pub mod schedule;
 pub mod trainer;
 
