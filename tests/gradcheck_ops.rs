@@ -693,3 +693,29 @@ fn sum_squares_and_scale() {
         .zip(before)
         .all(|(a, b)| *a == -0.5 * b));
 }
+
+#[test]
+fn linear_with_few_rows_matches_the_formula() {
+    // Up to 16 rows take the streaming path, more the packed gemm: both against a plain sum.
+    let mut rng = Rng::new(40);
+    for rows in [1, 3, 16, 17, 40] {
+        let (inp, outp) = (37, 131);
+        let x = randn_f32(&[rows, inp], &mut rng);
+        let w = randn_f32(&[outp, inp], &mut rng);
+        let b = randn_f32(&[outp], &mut rng);
+        let y = cpu().linear(&x, &w, Some(&b)).unwrap().to_vec_f64();
+        let (xd, wd, bd) = (x.to_vec_f64(), w.to_vec_f64(), b.to_vec_f64());
+        for r in 0..rows {
+            for n in 0..outp {
+                let want: f64 = bd[n]
+                    + (0..inp)
+                        .map(|k| xd[r * inp + k] * wd[n * inp + k])
+                        .sum::<f64>();
+                assert!(
+                    (y[r * outp + n] - want).abs() < 1e-4,
+                    "rows {rows}: ({r}, {n})"
+                );
+            }
+        }
+    }
+}

@@ -17,7 +17,9 @@ use crate::backend::{
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
 use crate::model::config::BertConfig;
+use crate::model::llama::{next_token_targets, Llama, TokenBatch};
 use crate::model::params::{ParamStore, Rng};
+use crate::model::prompts::DeepPrompts;
 use crate::tensor::{DType, Device, Tensor};
 use crate::train::AdamWState;
 
@@ -241,63 +243,6 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
         },
     ));
     cases.push(Case::new(
-        "tmp-rms/fwd",
-        Work::Bytes(2.0 * llama_elems * F32),
-        move || {
-            let mut rng = Rng::new(12);
-            let (x, weight) = (random(&[rows, 576], &mut rng), random(&[576], &mut rng));
-            Ok(Box::new(move || be.rms_norm(&x, &weight, 1e-5).map(drop)))
-        },
-    ));
-    cases.push(Case::new(
-        "tmp-rms/bwd-none",
-        Work::Bytes(3.0 * llama_elems * F32),
-        move || {
-            let mut rng = Rng::new(12);
-            let (x, dy, weight) = (
-                random(&[rows, 576], &mut rng),
-                random(&[rows, 576], &mut rng),
-                random(&[576], &mut rng),
-            );
-            let (_, stats) = be.rms_norm(&x, &weight, 1e-5)?;
-            Ok(Box::new(move || {
-                be.rms_norm_backward(&dy, &x, &weight, &stats, None)
-                    .map(drop)
-            }))
-        },
-    ));
-    cases.push(Case::new(
-        "tmp-rms/bwd-dw",
-        Work::Bytes(3.0 * llama_elems * F32),
-        move || {
-            let mut rng = Rng::new(12);
-            let (x, dy, weight) = (
-                random(&[rows, 576], &mut rng),
-                random(&[rows, 576], &mut rng),
-                random(&[576], &mut rng),
-            );
-            let (_, stats) = be.rms_norm(&x, &weight, 1e-5)?;
-            let mut dw = weight.zeros_like();
-            Ok(Box::new(move || {
-                be.rms_norm_backward(&dy, &x, &weight, &stats, Some(&mut dw))
-                    .map(drop)
-            }))
-        },
-    ));
-    cases.push(Case::new(
-        "tmp-ln576/fwd",
-        Work::Bytes(2.0 * llama_elems * F32),
-        move || {
-            let mut rng = Rng::new(12);
-            let (x, g, b) = (
-                random(&[rows, 576], &mut rng),
-                random(&[576], &mut rng),
-                random(&[576], &mut rng),
-            );
-            Ok(Box::new(move || be.layer_norm(&x, &g, &b, 1e-5).map(drop)))
-        },
-    ));
-    cases.push(Case::new(
         "rope/fwd/4096x576-h9/f32",
         Work::Bytes(2.0 * llama_elems * F32),
         move || {
@@ -477,6 +422,78 @@ fn minilm_setup() -> Result<(SequenceClassifier, ParamStore, Batch)> {
     Ok((model, params, batch))
 }
 
+/// SmolLM2-135M from `weights/` (fetched there by `kdx fetch smollm2-135m`), and random token ids.
+fn smollm2_setup(batch: usize, seq: usize) -> Result<(Llama, ParamStore, TokenBatch)> {
+    let dir = crate::model::fetch::default_weights_dir().join("smollm2-135m");
+    if !dir.join("model.safetensors").exists() {
+        anyhow::bail!(
+            "{} is missing: run `kdx fetch smollm2-135m` first",
+            dir.display()
+        );
+    }
+    let (model, params) = Llama::load(&dir)?;
+    let mut rng = Rng::new(12);
+    let vocab = model.config.vocab_size as u64;
+    let sequences: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..seq).map(|_| rng.below(vocab) as u32).collect())
+        .collect();
+    let tokens = TokenBatch::from_sequences(&sequences, 0)?;
+    Ok((model, params, tokens))
+}
+
+/// The decoder entries: prefill and decoding as generation runs them, and prompt tuning's step.
+fn smollm2_cases(be: &'static dyn Backend) -> Vec<Case> {
+    let mut cases = vec![Case::new(
+        "smollm2-135m/prefill/b8x64",
+        Work::Tokens(512.0),
+        move || {
+            let (model, params, batch) = smollm2_setup(8, 64)?;
+            Ok(Box::new(move || {
+                model.prefill(be, &params, &batch, None, 64).map(drop)
+            }))
+        },
+    )];
+    for b in [1, 16] {
+        // One token per sequence against a cache of 64 prompt tokens (positions 64 onward; the
+        // cache is refilled when it runs out).
+        cases.push(Case::new(
+            format!("smollm2-135m/decode/b{b}"),
+            Work::Tokens(b as f64),
+            move || {
+                let (model, params, batch) = smollm2_setup(b, 64)?;
+                let capacity = 64 + 256;
+                let (_, mut cache) = model.prefill(be, &params, &batch, None, capacity)?;
+                let tokens = vec![1u32; b];
+                Ok(Box::new(move || {
+                    if cache.lengths[0] as usize == capacity {
+                        cache = model.prefill(be, &params, &batch, None, capacity)?.1;
+                    }
+                    model
+                        .decode_step(be, &params, &mut cache, &tokens, None)
+                        .map(drop)
+                }))
+            },
+        ));
+    }
+    cases.push(Case::new(
+        "smollm2-135m/prompt-fwd-bwd/b8x64",
+        Work::Tokens(512.0),
+        move || {
+            let (model, params, batch) = smollm2_setup(8, 64)?;
+            let prompts = DeepPrompts::random(&model.config, 8, 0.02, 1, "smollm2-135m")?;
+            let targets = next_token_targets(&batch);
+            Ok(Box::new(move || {
+                let (hidden, cache) = model.forward(be, &params, &batch, Some(&prompts))?;
+                let (_, d_hidden) = model.lm_loss(be, &params, &hidden, &targets, None)?;
+                model
+                    .backward(be, &params, cache, &d_hidden, Some(&prompts), None)
+                    .map(drop)
+            }))
+        },
+    ));
+    cases
+}
+
 fn model_cases(be: &'static dyn Backend) -> Vec<Case> {
     let (b, t) = (32, 128);
     let tokens = (b * t) as f64;
@@ -559,6 +576,7 @@ pub fn run(args: Args) -> Result<()> {
     let be = backend(args.device)?;
     let mut cases = op_cases(be);
     cases.extend(model_cases(be));
+    cases.extend(smollm2_cases(be));
     let wanted = |c: &Case| args.filter.as_deref().is_none_or(|f| c.name.contains(f));
     let budget = Duration::from_secs_f64(args.budget);
     if !args.json {
@@ -570,7 +588,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut entries = Vec::new();
     for case in cases.into_iter().filter(wanted) {
-        let e = measure(case, args.runs, budget)?;
+        let name = case.name.clone();
+        let e = match measure(case, args.runs, budget) {
+            Ok(e) => e,
+            Err(err) => {
+                // An entry that cannot run here (a model not fetched) is reported, not fatal.
+                eprintln!("{name}: skipped: {err:#}");
+                continue;
+            }
+        };
         if !args.json {
             let rate = match (e.gflops, e.gbps, e.tokens_per_s) {
                 (Some(g), _, _) => format!("{g:.1} GFLOP/s"),

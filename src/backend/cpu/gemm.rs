@@ -7,7 +7,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::elementwise::column_sums_into;
-use super::simd::{Real, SendPtr};
+use super::simd::{dot, simd, Real, SendPtr};
 use super::with_real;
 use crate::backend::Transpose;
 use crate::tensor::Tensor;
@@ -219,9 +219,51 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             let bd = b.data::<T>()?;
             yd.par_chunks_mut(outp).for_each(|row| row.copy_from_slice(bd));
         }
-        gemm_2d((rows, outp, inp), x.data::<T>()?, inp, false, w.data::<T>()?, inp, true, yd, bias.is_some());
+        let (xd, wd) = (x.data::<T>()?, w.data::<T>()?);
+        if rows <= FEW_ROWS {
+            linear_few_rows(xd, wd, (rows, inp, outp), yd);
+        } else {
+            gemm_2d((rows, outp, inp), xd, inp, false, wd, inp, true, yd, bias.is_some());
+        }
     });
     Ok(y)
+}
+
+/// Up to this many input rows, [`linear`] streams the weight once instead of packing it for the
+/// gemm: decoding a token multiplies one row per sequence by every weight of the model, and
+/// packing (a copy of each weight per call) costs more than the product.
+const FEW_ROWS: usize = 16;
+
+/// `y += x·wᵀ` for a few rows of `x`: each weight row is read once and dotted with every input row
+/// (which stay in cache). Threads take blocks of output features.
+fn linear_few_rows<T: Real>(
+    x: &[T],
+    w: &[T],
+    (rows, inp, outp): (usize, usize, usize),
+    y: &mut [T],
+) {
+    const BLOCK: usize = 64;
+    // Feature-major partial results, transposed into `y` afterwards (rows × outp is small).
+    let mut by_feature = vec![T::ZERO; outp * rows];
+    by_feature
+        .par_chunks_mut(BLOCK * rows)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            simd!({
+                for (i, o) in out.chunks_exact_mut(rows).enumerate() {
+                    let n = blk * BLOCK + i;
+                    let wrow = &w[n * inp..(n + 1) * inp];
+                    for (r, v) in o.iter_mut().enumerate() {
+                        *v = dot(&x[r * inp..(r + 1) * inp], wrow);
+                    }
+                }
+            })
+        });
+    for (n, col) in by_feature.chunks_exact(rows).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * outp + n] += v;
+        }
+    }
 }
 
 pub fn linear_backward(
