@@ -457,7 +457,7 @@ pub trait Backend: Send + Sync {
     /// Rotary position embedding in place on `x [rows, heads * head_dim]`, Hugging Face's rotate-half
     /// layout: for `i < head_dim/2`, `(x_i, x_{i+half}) ← (x_i·cos − x_{i+half}·sin, x_{i+half}·cos + x_i·sin)`
     /// with the angle of row `r`'s position `positions[r]`. `table` is `[max_position, head_dim]`: the
-    /// cosines in its first half, the sines in its second (see `model::llama::rope_table`).
+    /// cosines in its first half, the sines in its second (see `backend::cpu::rope::rope_table`).
     /// `inverse` rotates back, which is the backward (a rotation's transpose is its inverse).
     fn rope(
         &self,

@@ -11,8 +11,8 @@ use serde::Serialize;
 use crate::backend::cpu::rope::rope_table;
 use crate::backend::head_kl::{head_kl, HeadInput};
 use crate::backend::{
-    backend, AdamW, AttnShape, Backend, Dropout, KlDirection, KlTerms, PerRow, Pooling, Sampling,
-    SoftmaxKl, Teacher, Transpose,
+    backend, AdamW, AttnShape, Backend, CausalShape, Dropout, KlDirection, KlTerms, PerRow,
+    Pooling, Prefix, Sampling, SoftmaxKl, Teacher, Transpose,
 };
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
@@ -163,6 +163,40 @@ fn op_cases(be: &'static dyn Backend) -> Vec<Case> {
             Ok(Box::new(move || {
                 let (_, probs) = be.attention(&q, &k, &v, shape, &lengths, Dropout::OFF)?;
                 be.attention_backward(&dout, &q, &k, &v, &probs, shape, &lengths, Dropout::OFF)
+                    .map(drop)
+            }))
+        },
+    ));
+
+    // The decoder's attention at SmolLM2's shapes, with an 8-vector deep prompt.
+    let causal = CausalShape {
+        batch: 8,
+        q_len: 64,
+        kv_len: 64,
+        heads: 9,
+        kv_heads: 3,
+    };
+    cases.push(Case::new(
+        "causal-attention/fwd-bwd/b8-h9-kv3-t64-d64-p8/f32",
+        // Four score-sized products (QKᵀ, PV forward; dP, dQ, dK, dV backward: 2.5× forward).
+        Work::Flops(3.5 * 2.0 * 2.0 * (8 * 9 * 64 * 72 * 64) as f64),
+        move || {
+            let mut rng = Rng::new(13);
+            let (q, k, v, dout) = (
+                random(&[512, 576], &mut rng),
+                random(&[512, 192], &mut rng),
+                random(&[512, 192], &mut rng),
+                random(&[512, 576], &mut rng),
+            );
+            let (pk, pv) = (random(&[8, 192], &mut rng), random(&[8, 192], &mut rng));
+            let start = vec![0u32; 8];
+            Ok(Box::new(move || {
+                let prefix = Some(Prefix {
+                    keys: &pk,
+                    values: &pv,
+                });
+                let (_, probs) = be.causal_attention(&q, &k, &v, prefix, causal, &start)?;
+                be.causal_attention_backward(&dout, &q, &k, &v, prefix, &probs, causal, &start)
                     .map(drop)
             }))
         },

@@ -60,7 +60,7 @@ fn check(
     q_start: &[u32],
 ) -> Result<Dims> {
     ensure!(
-        s.heads > 0 && s.kv_heads > 0 && s.heads % s.kv_heads == 0,
+        s.heads > 0 && s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
         "causal attention: {} query heads cannot share {} key/value heads evenly",
         s.heads,
         s.kv_heads

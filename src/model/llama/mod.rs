@@ -81,19 +81,19 @@ impl LlamaConfig {
 
     pub fn validate(&self) -> Result<()> {
         let h = self.num_attention_heads;
-        if h == 0 || self.num_key_value_heads == 0 || h % self.num_key_value_heads != 0 {
+        if h == 0 || self.num_key_value_heads == 0 || !h.is_multiple_of(self.num_key_value_heads) {
             bail!(
                 "{h} attention heads cannot share {} key/value heads evenly",
                 self.num_key_value_heads
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % h != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(h) {
             bail!(
                 "hidden_size {} is not a multiple of {h} heads",
                 self.hidden_size
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim());
         }
         if let Some(act) = &self.hidden_act {
@@ -387,7 +387,7 @@ impl Llama {
         params: &ParamStore,
         hidden: &Tensor,
         targets: &[u32],
-        mut d_head: Option<&mut Tensor>,
+        d_head: Option<&mut Tensor>,
     ) -> Result<(f64, Tensor)> {
         let rows: Vec<u32> = (0..targets.len() as u32)
             .filter(|&r| targets[r as usize] != crate::backend::IGNORE_INDEX)
@@ -402,7 +402,7 @@ impl Llama {
         let (loss, d_logits) = be.cross_entropy(&logits, &labels)?;
         let mut d_picked = Tensor::zeros(picked.shape(), picked.dtype());
         be.matmul(&d_logits, head, Transpose::NN, &mut d_picked, false)?;
-        if let Some(dw) = d_head.as_deref_mut() {
+        if let Some(dw) = d_head {
             be.matmul(&d_logits, &picked, Transpose::TN, dw, true)?;
         }
         let mut d_hidden = hidden.zeros_like();
