@@ -548,16 +548,7 @@ pub trait Backend: Send + Sync {
 pub fn backend(device: Device) -> Result<&'static dyn Backend> {
     match device {
         Device::Cpu => Ok(cpu::CpuBackend::get()),
-        Device::Cuda(_) => match cuda::fatbin() {
-            None => bail!(
-                "device {device}: this build has no CUDA kernels: run tools/setup-cuda.sh and \
-                 rebuild (or use --device cpu)"
-            ),
-            Some(_) => bail!(
-                "device {device}: this build has the CUDA kernels, but the CUDA runtime backend \
-                 is not implemented yet; use --device cpu"
-            ),
-        },
+        Device::Cuda(ordinal) => Ok(cuda::CudaBackend::get(ordinal)?),
     }
 }
 

@@ -8,6 +8,7 @@ mod embed;
 mod eval;
 mod fetch;
 mod finetune;
+pub mod selftest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -42,6 +43,8 @@ enum Command {
     Eval(eval::Args),
     /// Time every op and a whole training step; print a table or JSON
     Bench(bench::Args),
+    /// Check every op of a device against a reference on random inputs (GPU vs CPU, or CPU f32 vs f64)
+    Selftest(selftest::Args),
 }
 
 pub fn run() -> Result<()> {
@@ -53,5 +56,6 @@ pub fn run() -> Result<()> {
         Command::Distill(args) => distill::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Selftest(args) => selftest::run(args),
     }
 }
