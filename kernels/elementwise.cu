@@ -54,6 +54,21 @@ __device__ __forceinline__ void convert(const From* __restrict__ x, To* __restri
   grid_stride(n, [&](size_t i) { y[i] = from_f32<To>(to_f32(x[i])); });
 }
 
+// First stage of a column sum of x [rows, cols]: block (blockIdx.x, blockIdx.y) sums its columns
+// over chunk blockIdx.y of `rows_per_chunk` rows into row blockIdx.y of partials [chunks][cols].
+template <typename T>
+__device__ __forceinline__ void column_partials(const T* __restrict__ x, size_t rows, size_t cols,
+                                                size_t rows_per_chunk,
+                                                float* __restrict__ partials) {
+  const size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const size_t first = blockIdx.y * rows_per_chunk;
+  const size_t end = min(rows, first + rows_per_chunk);
+  float acc = 0.0f;
+  for (size_t r = first; r < end; ++r) acc += to_f32(x[r * cols + c]);
+  partials[blockIdx.y * cols + c] = acc;
+}
+
 // out[c] += Σ_k partials[k·stride + c] for c < width, k in order: the second stage of a column
 // reduction whose first stage wrote one f32 row of partial sums per chunk of rows (no atomics, so
 // the sums are reproducible).
@@ -129,6 +144,17 @@ extern "C" __global__ void kdx_f32_to_bf16(const float* x, kdx::bf16* y, size_t 
 }
 extern "C" __global__ void kdx_bf16_to_f32(const kdx::bf16* x, float* y, size_t n) {
   kdx::elementwise::convert(x, y, n);
+}
+
+// Partial column sums per chunk of rows: grid (⌈cols/blockDim.x⌉, ⌈rows/rows_per_chunk⌉), partials
+// holding gridDim.y · cols floats; finish with kdx_column_sums_add_*.
+extern "C" __global__ void kdx_column_partials_f32(const float* x, size_t rows, size_t cols,
+                                                   size_t rows_per_chunk, float* partials) {
+  kdx::elementwise::column_partials(x, rows, cols, rows_per_chunk, partials);
+}
+extern "C" __global__ void kdx_column_partials_bf16(const kdx::bf16* x, size_t rows, size_t cols,
+                                                    size_t rows_per_chunk, float* partials) {
+  kdx::elementwise::column_partials(x, rows, cols, rows_per_chunk, partials);
 }
 
 // out[c] += Σ_k partials[k·stride + c] (see kdx::elementwise::column_sums_add). Any launch shape.

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use anyhow::{bail, Result};
 
 use crate::backend::cuda::CudaBackend;
-use crate::backend::{backend, AdamW, Backend, Dropout, Pooling};
+use crate::backend::{backend, AdamW, Backend, Dropout, Pooling, Transpose};
 use crate::model::params::Rng;
 use crate::tensor::{DType, Device, Tensor};
 
@@ -80,7 +80,7 @@ impl Report {
 
     pub fn table(&self) -> String {
         let mut out = format!(
-            "candidate: {}\nreference: {}\n\n{:<22} {:<20} {:<5} {:<7} {:>11} {:>11} {:>8}  result\n",
+            "candidate: {}\nreference: {}\n\n{:<24} {:<20} {:<5} {:<7} {:>11} {:>11} {:>8}  result\n",
             self.candidate, self.reference, "op", "shape", "dtype", "output", "max abs", "max rel", "of tol"
         );
         for c in &self.checks {
@@ -91,7 +91,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{:<22} {:<20} {:<5} {:<7} {:>11.3e} {:>11.3e} {:>8.3}  {result}",
+                "{:<24} {:<20} {:<5} {:<7} {:>11.3e} {:>11.3e} {:>8.3}  {result}",
                 c.op,
                 c.shape,
                 c.dtype.name(),
@@ -356,6 +356,12 @@ fn below(rng: &mut Rng, n: usize, bound: u32) -> Vec<u32> {
     (0..n).map(|_| rng.below(bound as u64) as u32).collect()
 }
 
+/// All NaN: an output that a kernel must overwrite in full.
+fn nan(shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(vec![f32::NAN; n], shape).expect("length matches the shape")
+}
+
 fn dims(shape: &[usize]) -> String {
     shape
         .iter()
@@ -611,6 +617,9 @@ fn cases(seed: u64) -> Vec<Case> {
         ));
     }
 
+    matmul_cases(rng, &mut cases);
+    linear_cases(rng, &mut cases);
+
     // The second moment must be non-negative: squares of normal values.
     let v = randn(rng, &ODD);
     let v = Tensor::from_vec(
@@ -637,6 +646,164 @@ fn cases(seed: u64) -> Vec<Case> {
         ])
     }));
     cases
+}
+
+/// How a batch of matrix products is laid out.
+#[derive(Clone, Copy)]
+enum BatchLayout {
+    /// Plain 2-D operands.
+    Single,
+    /// `[count, rows, cols]` operands.
+    Each(usize),
+    /// `[count, rows, cols]` a and out, one 2-D b for every product.
+    SharedB(usize),
+}
+
+/// Matrix products in every transpose combination. The shapes: odd (no dimension a multiple of 8,
+/// so the bf16 kernel loads element by element), an empty k (zeros), mixed (some operands in whole
+/// chunks of 8, some not), in chunks of 8 but not in whole 128 × 128 × 32 tiles (16-byte copies,
+/// edge tiles), batches, a b shared by a batch, accumulation onto random values, and transformer
+/// shapes (a long k, a weight gradient). Outputs start as NaN where they are overwritten.
+fn matmul_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    const ALL: [Transpose; 4] = [Transpose::NN, Transpose::NT, Transpose::TN, Transpose::TT];
+    let specs: [(&'static str, BatchLayout, [usize; 3], &[Transpose]); 11] = [
+        ("matmul", BatchLayout::Single, [3, 47, 31], &ALL),
+        ("matmul", BatchLayout::Single, [5, 0, 7], &[Transpose::NN]),
+        ("matmul", BatchLayout::Single, [130, 200, 70], &ALL),
+        ("matmul", BatchLayout::Each(3), [37, 45, 29], &ALL),
+        ("matmul", BatchLayout::Each(2), [136, 72, 264], &ALL),
+        (
+            "matmul",
+            BatchLayout::Single,
+            [128, 3072, 768],
+            &[Transpose::NN],
+        ),
+        (
+            "matmul",
+            BatchLayout::Single,
+            [768, 512, 3072],
+            &[Transpose::TN],
+        ),
+        ("matmul(shared b)", BatchLayout::SharedB(3), [5, 9, 7], &ALL),
+        (
+            "matmul(shared b)",
+            BatchLayout::SharedB(3),
+            [40, 56, 24],
+            &ALL,
+        ),
+        (
+            "matmul(accumulate)",
+            BatchLayout::Each(2),
+            [37, 45, 29],
+            &ALL,
+        ),
+        (
+            "matmul(accumulate)",
+            BatchLayout::Single,
+            [136, 72, 264],
+            &ALL,
+        ),
+    ];
+    for (op, batch, [m, k, n], transposes) in specs {
+        for &t in transposes {
+            let (leading, b_leading, label) = match batch {
+                BatchLayout::Single => (vec![], vec![], String::new()),
+                BatchLayout::Each(c) => (vec![c], vec![c], format!("b{c} ")),
+                BatchLayout::SharedB(c) => (vec![c], vec![], format!("b{c} ")),
+            };
+            let shape = |leading: &[usize], matrix: [usize; 2]| [leading, &matrix].concat();
+            let a = randn(rng, &shape(&leading, if t.a { [k, m] } else { [m, k] }));
+            let b = randn(rng, &shape(&b_leading, if t.b { [n, k] } else { [k, n] }));
+            let out_shape = shape(&leading, [m, n]);
+            let accumulate = op == "matmul(accumulate)";
+            let out = if accumulate {
+                randn(rng, &out_shape)
+            } else {
+                nan(&out_shape)
+            };
+            let tag = match (t.a, t.b) {
+                (false, false) => "nn",
+                (false, true) => "nt",
+                (true, false) => "tn",
+                (true, true) => "tt",
+            };
+            cases.push(Case::new(
+                op,
+                format!("{label}{m}×{k}×{n} {tag}"),
+                vec![a, b, out],
+                move |s, x| {
+                    let mut out = s.put(&x[2])?;
+                    s.backend
+                        .matmul(&s.put(&x[0])?, &s.put(&x[1])?, t, &mut out, accumulate)?;
+                    Ok(vec![("out", out.into())])
+                },
+            ));
+        }
+    }
+}
+
+/// `linear` and its backward: odd shapes, a 3-D input without a bias, BERT-base's projections,
+/// and enough rows for the bias gradient's column sum to take many chunks.
+fn linear_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    // (leading dimensions of x, in, out, with a bias)
+    let specs: [(&[usize], usize, usize, bool); 6] = [
+        (&[3], 47, 31, true),
+        (&[2, 5], 47, 31, false),
+        (&[512], 768, 3072, true),
+        (&[512], 3072, 768, true),
+        (&[2100], 40, 24, true),
+        (&[64], 8, 1, true),
+    ];
+    for (leading, inp, outp, with_bias) in specs {
+        let (op, backward_op) = if with_bias {
+            ("linear", "linear_backward")
+        } else {
+            ("linear(no bias)", "linear_backward(no bias)")
+        };
+        let x_shape = [leading, &[inp]].concat();
+        let y_shape = [leading, &[outp]].concat();
+        let label = format!("{} → {outp}", dims(&x_shape));
+        let (x, w, bias) = (
+            randn(rng, &x_shape),
+            randn(rng, &[outp, inp]),
+            randn(rng, &[outp]),
+        );
+        cases.push(Case::new(
+            op,
+            label.clone(),
+            vec![x.clone(), w.clone(), bias],
+            move |s, t| {
+                let bias = if with_bias { Some(s.put(&t[2])?) } else { None };
+                let y = s
+                    .backend
+                    .linear(&s.put(&t[0])?, &s.put(&t[1])?, bias.as_ref())?;
+                Ok(vec![("y", y.into())])
+            },
+        ));
+        // dw and dbias start random: the backward accumulates into them.
+        let inputs = vec![
+            randn(rng, &y_shape),
+            x,
+            w,
+            randn(rng, &[outp, inp]),
+            randn(rng, &[outp]),
+        ];
+        cases.push(Case::new(backward_op, label, inputs, move |s, t| {
+            let (mut dw, mut dbias) = (s.put(&t[3])?, s.put(&t[4])?);
+            let dx = s.backend.linear_backward(
+                &s.put(&t[0])?,
+                &s.put(&t[1])?,
+                &s.put(&t[2])?,
+                &mut dw,
+                with_bias.then_some(&mut dbias),
+            )?;
+            let mut outputs = vec![("dx", dx.into()), ("dw", dw.into())];
+            if with_bias {
+                outputs.push(("dbias", dbias.into()));
+            }
+            Ok(outputs)
+        }));
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
 //! Element-wise ops, the sum of squares, dropout, dtype conversion and column sums
 //! (kernels/elementwise.cu).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 
-use super::launch::{elementwise, kernel, launch, single_block, Ptr};
+use super::launch::{elementwise, kernel, launch, per_column, single_block, Ptr};
 use super::runtime::Gpu;
-use super::{input, output, tensor, CudaStorage};
+use super::{expect_dtype, input, output, tensor, CudaStorage};
 use crate::backend::{check_same_shape, Dropout};
 use crate::tensor::{DType, Tensor};
 
@@ -115,6 +115,46 @@ pub(crate) fn convert(x: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
     // SAFETY: kdx_<from>_to_<to>(const From* x, To* y, size_t n), each holding n elements.
     unsafe { launch!(gpu, kernel, elementwise(n), [x.ptr(), out.ptr_mut()?, n]) }?;
     Ok(out)
+}
+
+/// At most this many chunks of rows in the first stage of a column sum (its partials take
+/// `chunks · width` floats); a chunk has at least 32 rows.
+const MAX_ROW_CHUNKS: usize = 1024;
+
+/// How a column sum over `rows` splits them: `(rows_per_chunk, chunks)`. A function of the size
+/// only, so sums are the same on every GPU.
+pub(crate) fn row_chunks(rows: usize) -> (usize, usize) {
+    let rows_per_chunk = rows.div_ceil(MAX_ROW_CHUNKS).max(32);
+    (rows_per_chunk, rows.div_ceil(rows_per_chunk))
+}
+
+/// `out += Σ_rows x` for `x [rows, cols]` and `out [cols]` of the same dtype: per-chunk partial sums,
+/// added in chunk order (reproducible, no atomics).
+pub(crate) fn column_sums_into(gpu: &Gpu, x: &Tensor, out: &mut Tensor) -> Result<()> {
+    let (rows, cols) = x.rows_cols();
+    ensure!(
+        out.shape() == [cols],
+        "column sum: output is {:?}, expected [{cols}]",
+        out.shape()
+    );
+    expect_dtype("column sum", "output", out, x.dtype())?;
+    let kernel = kernel!("kdx_column_partials", x.dtype());
+    let x_ptr = input(gpu, "column sum", "x", x)?.ptr();
+    let (rows_per_chunk, chunks) = row_chunks(rows);
+    let partials = gpu.alloc(chunks * cols * std::mem::size_of::<f32>())?;
+    let partials_ptr = gpu.ptr(&partials);
+    // SAFETY: kdx_column_partials_<T>(const T* x, size_t rows, size_t cols, size_t rows_per_chunk,
+    // float* partials): grid (⌈cols/256⌉, chunks), partials holding chunks · cols floats.
+    unsafe {
+        launch!(
+            gpu,
+            kernel,
+            per_column(cols, chunks)?,
+            [x_ptr, rows, cols, rows_per_chunk, partials_ptr]
+        )
+    }?;
+    let out_s = output(gpu, "column sum", "output", out)?;
+    column_sums_add(gpu, partials_ptr, chunks, cols, out_s)
 }
 
 /// `out[c] += Σ_k partials[k·stride + c]` for `c < out.len()`: the ordered second stage of a

@@ -141,3 +141,39 @@ fn grid_x(blocks: usize) -> Result<u32> {
         _ => bail!("{blocks} blocks exceed the grid's x limit (2^31 − 1)"),
     }
 }
+
+/// The GEMM kernels' tiling (kernels/gemm.cu): one block of 256 threads per 128 × 128 tile of each
+/// product's output.
+const GEMM_TILE: usize = 128;
+const GEMM_THREADS: u32 = 256;
+/// Dynamic shared memory of the bf16 (tensor-core) GEMM: its 4-stage pipeline, kernels/gemm.cu's
+/// `TC_SMEM_BYTES`.
+pub(crate) const GEMM_BF16_SHARED: u32 = 81_920;
+/// At most this many products per GEMM launch: the grid's z limit.
+pub(crate) const GEMM_MAX_BATCH: usize = 65_535;
+
+/// The GEMM grid for `batch` products with `[m, n]` outputs: tiles of n along x, of m along y,
+/// products along z.
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    batch: usize,
+    shared_mem_bytes: u32,
+) -> Result<LaunchConfig> {
+    let row_tiles = m.div_ceil(GEMM_TILE);
+    if row_tiles > 65_535 || batch > GEMM_MAX_BATCH {
+        bail!(
+            "a matrix product with {m} output rows in a batch of {batch} exceeds the grid's y or z \
+             limit (65535 tiles of {GEMM_TILE} rows, 65535 products)"
+        );
+    }
+    Ok(LaunchConfig {
+        grid_dim: (
+            grid_x(n.div_ceil(GEMM_TILE))?,
+            row_tiles as u32,
+            batch as u32,
+        ),
+        block_dim: (GEMM_THREADS, 1, 1),
+        shared_mem_bytes,
+    })
+}

@@ -4,15 +4,18 @@
 //!
 //! Tensors live on the device ([`CudaStorage`]); ops take and return device tensors and check that
 //! every operand is on their device. Activations are f32 or bf16, computed in f32; AdamW keeps f32
-//! master weights and moments. Ops without a kernel yet fail with an error naming the op.
+//! master weights and moments. Ops without a kernel yet fail with a [`NotImplemented`] error naming
+//! the op.
 
 mod activations;
 mod elementwise;
 mod embedding;
+mod gemm;
 pub(crate) mod launch;
 mod losses;
 mod norms;
 mod optimizer;
+pub mod peak;
 mod pooling;
 pub mod runtime;
 pub mod storage;
@@ -62,6 +65,15 @@ pub struct CudaBackend {
     gpu: &'static Gpu,
 }
 
+/// The error of an op that has no CUDA kernel yet, so that callers (the bench) can tell it from a
+/// failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} is not implemented on CUDA yet ({device}): run it with --device cpu")]
+pub struct NotImplemented {
+    pub op: &'static str,
+    pub device: Device,
+}
+
 impl CudaBackend {
     /// The backend of `cuda:ordinal`, opened on first use. The error says what is missing: the
     /// driver, the device, or kernels (in the build, or loadable by this driver and GPU).
@@ -77,11 +89,12 @@ impl CudaBackend {
         self.gpu
     }
 
-    fn not_yet(&self, op: &str) -> anyhow::Error {
-        anyhow!(
-            "{op} is not implemented on CUDA yet ({}): run it with --device cpu",
-            self.gpu.device()
-        )
+    fn not_yet(&self, op: &'static str) -> anyhow::Error {
+        NotImplemented {
+            op,
+            device: self.gpu.device(),
+        }
+        .into()
     }
 }
 
@@ -161,28 +174,28 @@ impl Backend for CudaBackend {
 
     fn matmul(
         &self,
-        _a: &Tensor,
-        _b: &Tensor,
-        _t: Transpose,
-        _out: &mut Tensor,
-        _accumulate: bool,
+        a: &Tensor,
+        b: &Tensor,
+        t: Transpose,
+        out: &mut Tensor,
+        accumulate: bool,
     ) -> Result<()> {
-        Err(self.not_yet("matmul"))
+        gemm::matmul(self.gpu, a, b, t, out, accumulate)
     }
 
-    fn linear(&self, _x: &Tensor, _w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor> {
-        Err(self.not_yet("linear"))
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        gemm::linear(self.gpu, x, w, bias)
     }
 
     fn linear_backward(
         &self,
-        _dy: &Tensor,
-        _x: &Tensor,
-        _w: &Tensor,
-        _dw: &mut Tensor,
-        _dbias: Option<&mut Tensor>,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        dw: &mut Tensor,
+        dbias: Option<&mut Tensor>,
     ) -> Result<Tensor> {
-        Err(self.not_yet("linear backward"))
+        gemm::linear_backward(self.gpu, dy, x, w, dw, dbias)
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {

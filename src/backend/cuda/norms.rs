@@ -5,16 +5,12 @@
 
 use anyhow::{ensure, Result};
 
-use super::elementwise::column_sums_add;
+use super::elementwise::{column_sums_add, row_chunks};
 use super::launch::{kernel, launch, per_column, per_row};
 use super::runtime::Gpu;
 use super::{expect_dtype, input, output, tensor, CudaStorage};
 use crate::backend::NormStats;
 use crate::tensor::{DType, Tensor};
-
-/// At most this many chunks of rows in the first stage of the dγ/dβ column sums (their partials
-/// take `chunks · 2 · cols` floats); a chunk has at least 32 rows.
-const MAX_ROW_CHUNKS: usize = 1024;
 
 /// Checks that each named per-feature operand (γ, β or a gradient of theirs) is `[cols]` of `x`'s
 /// dtype; returns `x`'s `(rows, cols)`.
@@ -136,8 +132,7 @@ pub(crate) fn layer_norm_backward(
         )
     }?;
 
-    let rows_per_chunk = rows.div_ceil(MAX_ROW_CHUNKS).max(32);
-    let chunks = rows.div_ceil(rows_per_chunk);
+    let (rows_per_chunk, chunks) = row_chunks(rows);
     let partials = gpu.alloc(chunks * 2 * cols * std::mem::size_of::<f32>())?;
     let partials_ptr = gpu.ptr(&partials);
     // SAFETY: kdx_layer_norm_param_partials_<T>(const T* dy, const T* x, const float* mean,

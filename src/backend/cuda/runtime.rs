@@ -5,7 +5,7 @@
 //! reads a result (a copy to the host, a loss value).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{anyhow, bail, Result};
@@ -14,12 +14,16 @@ use cudarc::driver::{
     DriverError, LaunchConfig,
 };
 use cudarc::nvrtc::Ptx;
+use sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 
 use super::launch::{Arg, Ptr};
 use crate::tensor::Device;
 
 /// The CUDA version the kernels are compiled with (tools/setup-cuda.sh): a driver must support it.
 const KERNELS_CUDA: (i32, i32) = (13, 0);
+
+/// Dynamic shared memory a kernel may take without raising its limit first.
+const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
 
 pub struct Gpu {
     ordinal: usize,
@@ -28,6 +32,7 @@ pub struct Gpu {
     /// Why there are no kernels, when there are none (a CPU-only build, a driver too old for them).
     kernels: Result<Kernels, String>,
     summary: String,
+    l2_bytes: usize,
     checked: AtomicBool,
 }
 
@@ -41,6 +46,8 @@ struct Kernels {
 struct Function {
     function: CudaFunction,
     params: Option<Vec<usize>>,
+    /// The most dynamic shared memory launches may ask for so far (raised on demand).
+    shared_limit: AtomicU32,
 }
 
 impl Gpu {
@@ -96,6 +103,10 @@ impl Gpu {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .unwrap_or(0);
+        let l2_bytes = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .unwrap_or(0)
+            .max(0) as usize;
         let summary = format!(
             "{device} ({name}, sm_{major}{minor}, {sms} SMs, driver CUDA {}.{})",
             driver.0, driver.1
@@ -107,6 +118,7 @@ impl Gpu {
             stream,
             kernels,
             summary,
+            l2_bytes,
             checked: AtomicBool::new(checks_from_env()),
         })
     }
@@ -118,6 +130,36 @@ impl Gpu {
     /// The device, its GPU, compute capability, SM count and driver version.
     pub fn summary(&self) -> &str {
         &self.summary
+    }
+
+    /// The size of the GPU's L2 cache (0 if the driver does not say).
+    pub fn l2_bytes(&self) -> usize {
+        self.l2_bytes
+    }
+
+    /// The device's one stream (for libraries such as cuBLAS, whose work must be ordered with ours).
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Seconds of device time that the work `f` queues takes: CUDA events recorded on the stream
+    /// before and after it, then waited for. Work that `f` itself waits for counts too, as do the
+    /// gaps between kernels while the host queues the next.
+    pub fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .stream
+            .record_event(timing)
+            .map_err(|e| self.error("recording a timing event", e))?;
+        f()?;
+        let end = self
+            .stream
+            .record_event(timing)
+            .map_err(|e| self.error("recording a timing event", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| self.error("waiting for timed work", e))?;
+        Ok(ms as f64 * 1e-3)
     }
 
     /// Why this device cannot run kernels, if it cannot.
@@ -197,10 +239,15 @@ impl Gpu {
     /// A device-side copy of `buf` (copy-on-write of shared tensor storage).
     pub(crate) fn duplicate(&self, buf: &CudaSlice<u8>) -> Result<CudaSlice<u8>> {
         let mut copy = self.alloc(buf.len())?;
-        self.stream
-            .memcpy_dtod(buf, &mut copy)
-            .map_err(|e| self.error("copying a buffer on the GPU", e))?;
+        self.copy(buf, &mut copy)?;
         Ok(copy)
+    }
+
+    /// Copies `src` into the start of `dst` on the device.
+    pub(crate) fn copy(&self, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result<()> {
+        self.stream
+            .memcpy_dtod(src, dst)
+            .map_err(|e| self.error("copying a buffer on the GPU", e))
     }
 
     /// The address of `buf` for a kernel argument.
@@ -252,6 +299,26 @@ impl Gpu {
         self.ctx
             .bind_to_thread()
             .map_err(|e| self.error(&format!("binding the context for CUDA kernel {kernel}"), e))?;
+        if config.shared_mem_bytes > function.shared_limit.load(Ordering::Relaxed) {
+            function
+                .function
+                .set_attribute(
+                    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    config.shared_mem_bytes as i32,
+                )
+                .map_err(|e| {
+                    self.error(
+                        &format!(
+                            "allowing CUDA kernel {kernel} {} bytes of dynamic shared memory",
+                            config.shared_mem_bytes
+                        ),
+                        e,
+                    )
+                })?;
+            function
+                .shared_limit
+                .store(config.shared_mem_bytes, Ordering::Relaxed);
+        }
         result::launch_kernel(
             function.function.cu_function(),
             grid,
@@ -302,6 +369,7 @@ impl Gpu {
         let f = Arc::new(Function {
             params: param_sizes(&function),
             function,
+            shared_limit: AtomicU32::new(DEFAULT_DYNAMIC_SHARED),
         });
         cache.insert(name, f.clone());
         Ok(f)
