@@ -42,6 +42,14 @@ __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// SplitMix64's finaliser, bit for bit the `mix64` of src/backend/mod.rs: counter-based random
+// streams (dropout masks) give the same bits on the CPU and the GPU.
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 // Calls f(i) for every i < n that belongs to this thread: i = global thread index, then strided by
 // the whole grid, so any launch shape covers any n (64-bit indices: tensors may pass 2^31 elements).
 template <typename F>

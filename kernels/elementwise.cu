@@ -36,6 +36,52 @@ __device__ __forceinline__ void sum_squares(const T* __restrict__ x, size_t n,
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
+// Inverted dropout in place, the counter-based mask of `Dropout::factor` (src/backend/mod.rs):
+// element i is dropped iff the high 32 bits of mix64(seed ^ i·K) are below p·2^32. The host passes
+// that bound as the integer ⌈p·2^32⌉ (the same comparison for integer bits) and the kept elements'
+// factor 1/(1−p) rounded to f32, as the CPU multiplies by it.
+template <typename T>
+__device__ __forceinline__ void dropout(T* __restrict__ x, size_t n, uint64_t seed,
+                                        uint64_t threshold, float scale) {
+  grid_stride(n, [&](size_t i) {
+    const uint64_t bits = mix64(seed ^ ((uint64_t)i * 0xD6E8FEB86659FD93ull)) >> 32;
+    x[i] = from_f32<T>(to_f32(x[i]) * (bits < threshold ? 0.0f : scale));
+  });
+}
+
+template <typename From, typename To>
+__device__ __forceinline__ void convert(const From* __restrict__ x, To* __restrict__ y, size_t n) {
+  grid_stride(n, [&](size_t i) { y[i] = from_f32<To>(to_f32(x[i])); });
+}
+
+// First stage of a column sum of x [rows, cols]: block (blockIdx.x, blockIdx.y) sums its columns
+// over chunk blockIdx.y of `rows_per_chunk` rows into row blockIdx.y of partials [chunks][cols].
+template <typename T>
+__device__ __forceinline__ void column_partials(const T* __restrict__ x, size_t rows, size_t cols,
+                                                size_t rows_per_chunk,
+                                                float* __restrict__ partials) {
+  const size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const size_t first = blockIdx.y * rows_per_chunk;
+  const size_t end = min(rows, first + rows_per_chunk);
+  float acc = 0.0f;
+  for (size_t r = first; r < end; ++r) acc += to_f32(x[r * cols + c]);
+  partials[blockIdx.y * cols + c] = acc;
+}
+
+// out[c] += Σ_k partials[k·stride + c] for c < width, k in order: the second stage of a column
+// reduction whose first stage wrote one f32 row of partial sums per chunk of rows (no atomics, so
+// the sums are reproducible).
+template <typename T>
+__device__ __forceinline__ void column_sums_add(const float* __restrict__ partials, size_t chunks,
+                                                size_t stride, size_t width, T* __restrict__ out) {
+  grid_stride(width, [&](size_t c) {
+    float acc = 0.0f;
+    for (size_t k = 0; k < chunks; ++k) acc += partials[k * stride + c];
+    out[c] = from_f32<T>(to_f32(out[c]) + acc);
+  });
+}
+
 }  // namespace elementwise
 }  // namespace kdx
 
@@ -80,4 +126,43 @@ extern "C" __global__ void kdx_sum_f64(const double* values, size_t n, double* o
   for (size_t i = threadIdx.x; i < n; i += blockDim.x) acc += values[i];
   acc = kdx::block_sum(acc);
   if (threadIdx.x == 0) out[0] = acc;
+}
+
+// Dropout in place (see kdx::elementwise::dropout). Any launch shape.
+extern "C" __global__ void kdx_dropout_f32(float* x, size_t n, uint64_t seed, uint64_t threshold,
+                                           float scale) {
+  kdx::elementwise::dropout(x, n, seed, threshold, scale);
+}
+extern "C" __global__ void kdx_dropout_bf16(kdx::bf16* x, size_t n, uint64_t seed,
+                                            uint64_t threshold, float scale) {
+  kdx::elementwise::dropout(x, n, seed, threshold, scale);
+}
+
+// dtype conversions (round to nearest even into bf16, exact into f32). Any launch shape.
+extern "C" __global__ void kdx_f32_to_bf16(const float* x, kdx::bf16* y, size_t n) {
+  kdx::elementwise::convert(x, y, n);
+}
+extern "C" __global__ void kdx_bf16_to_f32(const kdx::bf16* x, float* y, size_t n) {
+  kdx::elementwise::convert(x, y, n);
+}
+
+// Partial column sums per chunk of rows: grid (⌈cols/blockDim.x⌉, ⌈rows/rows_per_chunk⌉), partials
+// holding gridDim.y · cols floats; finish with kdx_column_sums_add_*.
+extern "C" __global__ void kdx_column_partials_f32(const float* x, size_t rows, size_t cols,
+                                                   size_t rows_per_chunk, float* partials) {
+  kdx::elementwise::column_partials(x, rows, cols, rows_per_chunk, partials);
+}
+extern "C" __global__ void kdx_column_partials_bf16(const kdx::bf16* x, size_t rows, size_t cols,
+                                                    size_t rows_per_chunk, float* partials) {
+  kdx::elementwise::column_partials(x, rows, cols, rows_per_chunk, partials);
+}
+
+// out[c] += Σ_k partials[k·stride + c] (see kdx::elementwise::column_sums_add). Any launch shape.
+extern "C" __global__ void kdx_column_sums_add_f32(const float* partials, size_t chunks,
+                                                   size_t stride, size_t width, float* out) {
+  kdx::elementwise::column_sums_add(partials, chunks, stride, width, out);
+}
+extern "C" __global__ void kdx_column_sums_add_bf16(const float* partials, size_t chunks,
+                                                    size_t stride, size_t width, kdx::bf16* out) {
+  kdx::elementwise::column_sums_add(partials, chunks, stride, width, out);
 }

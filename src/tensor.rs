@@ -1,12 +1,18 @@
 //! `Tensor` = storage + shape; the dtype lives in the storage variant so it cannot disagree with the data.
+//!
+//! Storage is host memory (one variant per dtype) or GPU memory ([`CudaStorage`]). Host code reads
+//! and writes the elements through [`Tensor::data`] / [`Tensor::data_mut`], which refuse device
+//! tensors with an error saying how to copy them ([`Tensor::to_device`]); the backend of a device
+//! works on its tensors in place.
 
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use half::{bf16, f16};
 
 use crate::backend::cpu::simd::Real;
+use crate::backend::cuda::{self, CudaStorage};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -71,13 +77,15 @@ impl fmt::Display for Device {
     }
 }
 
-/// Host memory, one variant per dtype.
+/// Host memory, one variant per dtype, or GPU memory.
 #[derive(Clone, Debug)]
 pub enum Storage {
     F32(Vec<f32>),
     F64(Vec<f64>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    /// On a GPU; clones share the buffer until one of them is written (see [`CudaStorage`]).
+    Cuda(CudaStorage),
 }
 
 impl Storage {
@@ -87,6 +95,7 @@ impl Storage {
             Storage::F64(_) => DType::F64,
             Storage::BF16(_) => DType::BF16,
             Storage::F16(_) => DType::F16,
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 
@@ -96,6 +105,7 @@ impl Storage {
             Storage::F64(v) => v.len(),
             Storage::BF16(v) => v.len(),
             Storage::F16(v) => v.len(),
+            Storage::Cuda(s) => s.len(),
         }
     }
 }
@@ -121,6 +131,19 @@ impl Tensor {
         })
     }
 
+    /// Zeros on `device` (the host, or GPU memory there).
+    pub fn zeros_on(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Ok(Tensor::zeros(shape, dtype)),
+            Device::Cuda(ordinal) => {
+                let storage =
+                    CudaStorage::zeros(cuda::gpu(ordinal)?, shape.iter().product(), dtype)?;
+                Tensor::new(Storage::Cuda(storage), shape)
+            }
+        }
+    }
+
+    /// Zeros in host memory.
     pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
         let n = shape.iter().product();
         let storage = match dtype {
@@ -156,11 +179,38 @@ impl Tensor {
     }
 
     pub fn device(&self) -> Device {
-        Device::Cpu
+        match &self.storage {
+            Storage::Cuda(s) => s.device(),
+            _ => Device::Cpu,
+        }
     }
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The GPU storage of a device tensor, for the backend that writes it.
+    pub(crate) fn cuda_storage_mut(&mut self) -> Option<&mut CudaStorage> {
+        match &mut self.storage {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// This tensor on `device`: a copy between the host and a GPU (or between GPUs, through the
+    /// host), or a clone where it already is (cheap on a GPU, where clones share the buffer). A copy
+    /// to the host waits for the GPU work that produces the tensor.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        let storage = match device {
+            Device::Cpu => match &self.storage {
+                Storage::Cuda(s) => s.download()?,
+                _ => return Ok(self.clone()),
+            },
+            Device::Cuda(ordinal) => {
+                Storage::Cuda(CudaStorage::upload(cuda::gpu(ordinal)?, &self.storage)?)
+            }
+        };
+        Tensor::new(storage, &self.shape)
     }
 
     /// Size of the last dimension and the number of rows before it.
@@ -180,48 +230,65 @@ impl Tensor {
         Ok(self)
     }
 
-    /// The elements as a typed slice; an error if the tensor has another dtype.
+    /// The elements of a host tensor as a typed slice; an error if the tensor has another dtype or
+    /// is on a GPU.
     pub fn data<T: Real>(&self) -> Result<&[T]> {
         match T::view(&self.storage) {
             Some(s) => Ok(s),
-            None => bail!(
-                "expected a {} tensor, found {} {:?}",
+            None => Err(not_host_data(
                 T::DTYPE,
                 self.dtype(),
-                self.shape
-            ),
+                self.device(),
+                &self.shape,
+            )),
         }
     }
 
     pub fn data_mut<T: Real>(&mut self) -> Result<&mut [T]> {
-        let (dtype, shape) = (self.dtype(), self.shape.clone());
+        let (dtype, device) = (self.dtype(), self.device());
         match T::view_mut(&mut self.storage) {
             Some(s) => Ok(s),
-            None => bail!("expected a {} tensor, found {dtype} {shape:?}", T::DTYPE),
+            None => Err(not_host_data(T::DTYPE, dtype, device, &self.shape)),
         }
     }
 
+    /// The elements widened to f32. A GPU tensor is copied to the host first, which waits for the
+    /// device; if the device fails (an earlier kernel's error, a lost GPU) this panics: use
+    /// [`Tensor::to_device`] to handle that as an error.
     pub fn to_vec_f32(&self) -> Vec<f32> {
         match &self.storage {
             Storage::F32(v) => v.clone(),
             Storage::F64(v) => v.iter().map(|&x| x as f32).collect(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Cuda(_) => self.on_host().to_vec_f32(),
         }
     }
 
+    /// The elements widened to f64; a GPU tensor is copied to the host first (see
+    /// [`Tensor::to_vec_f32`]).
     pub fn to_vec_f64(&self) -> Vec<f64> {
         match &self.storage {
             Storage::F64(v) => v.clone(),
+            Storage::Cuda(_) => self.on_host().to_vec_f64(),
             _ => self.to_vec_f32().into_iter().map(f64::from).collect(),
         }
     }
 
+    /// A host copy of a GPU tensor, for the methods that cannot return an error.
+    fn on_host(&self) -> Tensor {
+        self.to_device(Device::Cpu)
+            .unwrap_or_else(|e| panic!("copying a tensor to the host: {e:#}"))
+    }
+
+    /// The elements converted to `dtype`. On a GPU, f32 ↔ bf16 converts there; other conversions
+    /// take the host path (copy with `to_device(Device::Cpu)` first).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
         let storage = match (dtype, &self.storage) {
+            (_, Storage::Cuda(s)) => Storage::Cuda(cuda::convert(s, dtype)?),
             (DType::F64, _) => Storage::F64(self.to_vec_f64()),
             (DType::F32, Storage::F64(v)) => Storage::F32(v.iter().map(|&x| x as f32).collect()),
             (DType::F32, _) => Storage::F32(self.to_vec_f32()),
@@ -241,17 +308,39 @@ impl Tensor {
         Tensor::new(storage, &self.shape)
     }
 
+    /// Zeros of the same shape and dtype on the same device. Running out of GPU memory (or any
+    /// other device failure) panics here, as running out of host memory does: use
+    /// [`Tensor::zeros_on`] to handle it.
     pub fn zeros_like(&self) -> Tensor {
-        Tensor::zeros(&self.shape, self.dtype())
+        match self.device() {
+            Device::Cpu => Tensor::zeros(&self.shape, self.dtype()),
+            device => Tensor::zeros_on(&self.shape, self.dtype(), device)
+                .unwrap_or_else(|e| panic!("zeros_like: {e:#}")),
+        }
     }
 
-    /// Sets every element to zero, keeping the allocation (gradient buffers between steps).
+    /// Sets every element to zero, keeping the allocation (gradient buffers between steps). On a
+    /// GPU the zeroing is queued on the device; if the device fails this panics, as
+    /// [`Tensor::zeros_like`] does.
     pub fn fill_zero(&mut self) {
         match &mut self.storage {
             Storage::F32(v) => v.fill(0.0),
             Storage::F64(v) => v.fill(0.0),
             Storage::BF16(v) => v.fill(bf16::ZERO),
             Storage::F16(v) => v.fill(f16::ZERO),
+            Storage::Cuda(s) => s.fill_zero().unwrap_or_else(|e| panic!("fill_zero: {e:#}")),
         }
+    }
+}
+
+/// Why a tensor's elements cannot be viewed as host `want` data.
+#[cold]
+fn not_host_data(want: DType, dtype: DType, device: Device, shape: &[usize]) -> anyhow::Error {
+    match device {
+        Device::Cpu => anyhow!("expected a {want} tensor, found {dtype} {shape:?}"),
+        Device::Cuda(_) => anyhow!(
+            "expected {want} data in host memory, but this {dtype} {shape:?} tensor is on {device}: \
+             copy it to the CPU with to_device(Device::Cpu)"
+        ),
     }
 }

@@ -3,7 +3,8 @@
 Usage:
 
     HF_HUB_OFFLINE=1 python tools/torch_bench.py [--threads N] [--device cpu|cuda]
-        [--model DIR] [--llama-model DIR] [--filter SUBSTR] [--runs 20] [--warmup 3] [--budget 4] [--json]
+        [--model DIR] [--llama-model DIR] [--filter SUBSTR] [--runs 20] [--warmup 3]
+        [--budget 4] [--json] [--compile]
 
 Each entry is timed as the median over up to --runs samples, after up to
 --warmup warm-up calls. To keep heavy entries such as the training step short,
@@ -25,11 +26,25 @@ Work units:
 
 The MiniLM-L6 model is built from --model DIR/config.json when given, else
 from the all-MiniLM-L6-v2 shapes; weights are random since they do not affect
-speed. With --json the table goes to stderr and one JSON object to stdout.
+speed. With --json the table goes to stderr and one JSON object to stdout; a
+run stopped by SIGTERM (timeout) still prints the entries it finished.
+
+With --device cuda, calls are timed with CUDA events, and the GPU entries of
+`kdx bench --device cuda` are added under the same names: matrix products in
+f32 (no TF32, PyTorch's default) and bf16 at MiniLM and BERT-base shapes,
+BERT-base's intermediate projection (F.linear, forward and forward+backward),
+SDPA attention forward and forward+backward at 12 heads of 32 and 64, and a
+BERT-base encoder (12 layers, hidden 768, 12 heads, intermediate 3072) forward
+and training step, eager in f32 and under bf16 autocast (`/amp-bf16`); with
+--compile, the training step through torch.compile too (`/compiled`: the
+first call compiles, during warm-up). Operator entries rotate between copies
+of their inputs, together three times the L2 cache (at most 16), so that no
+call finds its inputs cached by the one before, as kdx does.
 
 The SmolLM2-135M entries load LlamaForCausalLM (float32, sdpa attention) from
---llama-model DIR (default weights/smollm2-135m), with its parameters frozen;
-they are skipped with a note when the folder is missing:
+--llama-model DIR (default weights/smollm2-135m), with its parameters frozen,
+onto the chosen --device; they are skipped with a note when the folder is
+missing:
   * smollm2-135m/prefill/b8x64: a forward over 8 x 64 random token ids with
     use_cache=True, logits of the last position only (logits_to_keep=1).
   * smollm2-135m/decode/bB: one decoding step (one new token per sequence and
@@ -43,9 +58,11 @@ they are skipped with a note when the folder is missing:
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -84,12 +101,16 @@ Entry = tuple[str, Callable[[], Callable[[], None]], Work]
 def minilm_config(model_dir: str | None) -> transformers.BertConfig:
     if model_dir:
         return transformers.BertConfig.from_pretrained(model_dir, attn_implementation="sdpa")
+    return bert_config(hidden=384, layers=6, intermediate=1536)
+
+
+def bert_config(hidden: int, layers: int, intermediate: int) -> transformers.BertConfig:
     return transformers.BertConfig(
         vocab_size=30522,
-        hidden_size=384,
-        num_hidden_layers=6,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
         num_attention_heads=12,
-        intermediate_size=1536,
+        intermediate_size=intermediate,
         max_position_embeddings=512,
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
@@ -285,6 +306,150 @@ def build_entries(cfg: transformers.BertConfig, device: torch.device) -> list[En
     ]
 
 
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_gpu_entries(device: torch.device, compile_steps: bool) -> list[Entry]:
+    """The entries `kdx bench --device cuda` adds, under its names."""
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+
+    def rotating(make_set: Callable[[], tuple], nbytes: int) -> Callable[[], tuple]:
+        # As kdx: copies of the inputs together three times the L2 (at most 16), used in turn.
+        copies = max(1, min(16, math.ceil(3 * l2_bytes / max(nbytes, 1))))
+        return itertools.cycle([make_set() for _ in range(copies)]).__next__
+
+    def matmul(m: int, k: int, n: int, tag: str, dtype: torch.dtype):
+        def make():
+            def make_set():
+                a = torch.randn(*((k, m) if tag[0] == "t" else (m, k)), device=device, dtype=dtype)
+                b = torch.randn(*((n, k) if tag[1] == "t" else (k, n)), device=device, dtype=dtype)
+                return (a.T if tag[0] == "t" else a, b.T if tag[1] == "t" else b, torch.empty(m, n, device=device, dtype=dtype))
+
+            nxt = rotating(make_set, (m * k + k * n + m * n) * dtype.itemsize)
+
+            def step():
+                a, b, c = nxt()
+                torch.mm(a, b, out=c)
+
+            return step
+
+        return make
+
+    def linear(rows: int, inp: int, outp: int, dtype: torch.dtype, backward: bool):
+        def make():
+            def make_set():
+                x = torch.randn(rows, inp, device=device, dtype=dtype, requires_grad=backward)
+                w = torch.randn(outp, inp, device=device, dtype=dtype, requires_grad=backward)
+                b = torch.randn(outp, device=device, dtype=dtype, requires_grad=backward)
+                return x, w, b, torch.randn(rows, outp, device=device, dtype=dtype)
+
+            nxt = rotating(make_set, (rows * inp + outp * inp + 2 * rows * outp) * dtype.itemsize)
+
+            def step():
+                x, w, b, dy = nxt()
+                y = F.linear(x, w, b)
+                if backward:
+                    y.backward(dy)
+                    x.grad = None  # dw and db accumulate, as kdx's do
+
+            return step
+
+        return make
+
+    def attention(head_dim: int, dtype: torch.dtype, backward: bool):
+        def make():
+            def make_set():
+                q, k, v = (
+                    torch.randn(BATCH, 12, SEQ, head_dim, device=device, dtype=dtype, requires_grad=backward)
+                    for _ in range(3)
+                )
+                return q, k, v, torch.randn(BATCH, 12, SEQ, head_dim, device=device, dtype=dtype)
+
+            nxt = rotating(make_set, 4 * BATCH * 12 * SEQ * head_dim * dtype.itemsize)
+
+            def step():
+                q, k, v, dout = nxt()
+                out = F.scaled_dot_product_attention(q, k, v)
+                if backward:
+                    out.backward(dout)
+                    q.grad = k.grad = v.grad = None
+
+            return step
+
+        return make
+
+    base = bert_config(hidden=768, layers=12, intermediate=3072)
+
+    def bert_forward(amp: bool):
+        def make():
+            model = transformers.BertModel(base, add_pooling_layer=False).to(device).eval()
+            ids = torch.randint(0, base.vocab_size, (BATCH, SEQ), device=device)
+            mask = torch.ones_like(ids)
+
+            def step():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+            return step
+
+        return make
+
+    def bert_train_step(amp: bool, compiled: bool):
+        def make():
+            model = transformers.BertModel(base, add_pooling_layer=False).to(device).train()
+            head = torch.nn.Linear(base.hidden_size, 2).to(device)
+            opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=5e-5)
+            run = torch.compile(model) if compiled else model
+            ids = torch.randint(0, base.vocab_size, (BATCH, SEQ), device=device)
+            mask = torch.ones_like(ids)
+            labels = torch.randint(0, 2, (BATCH,), device=device)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    pooled = mean_pool(run(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+                    loss = F.cross_entropy(head(pooled), labels)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            return step
+
+        return make
+
+    entries: list[Entry] = []
+    products = [
+        (TOKENS, 384, 1536, "nn"),
+        (TOKENS, 1536, 384, "nn"),
+        (TOKENS, 384, 384, "nt"),
+        (384, 1536, TOKENS, "tn"),
+        (TOKENS, 768, 3072, "nn"),
+        (TOKENS, 3072, 768, "nn"),
+        (TOKENS, 768, 768, "nt"),
+        (3072, TOKENS, 768, "tn"),
+        (8192, 8192, 8192, "nn"),
+    ]
+    for name, dtype in DTYPES.items():
+        for m, k, n, tag in products:
+            entries.append((f"matmul/{tag}/{m}x{k}x{n}/{name}", matmul(m, k, n, tag, dtype), Work(flops=2 * m * k * n)))
+        flops = 2 * TOKENS * 768 * 3072
+        entries.append((f"linear/fwd/{TOKENS}x768x3072/{name}", linear(TOKENS, 768, 3072, dtype, False), Work(flops=flops)))
+        entries.append((f"linear/fwd-bwd/{TOKENS}x768x3072/{name}", linear(TOKENS, 768, 3072, dtype, True), Work(flops=3 * flops)))
+        for head_dim in (32, 64):
+            flops = 4 * BATCH * 12 * SEQ * SEQ * head_dim
+            shape = f"b{BATCH}-h12-t{SEQ}-d{head_dim}/{name}"
+            entries.append((f"attention/fwd/{shape}", attention(head_dim, dtype, False), Work(flops=flops)))
+            entries.append((f"attention/fwd-bwd/{shape}", attention(head_dim, dtype, True), Work(flops=2.5 * flops)))
+    fwd_flops = model_forward_flops(base, BATCH, SEQ)
+    for amp, suffix in ((False, ""), (True, "/amp-bf16")):
+        entries.append((f"bert-base/forward/b{BATCH}x{SEQ}{suffix}", bert_forward(amp), Work(flops=fwd_flops, tokens=TOKENS)))
+        entries.append((f"bert-base/train-step/b{BATCH}x{SEQ}{suffix}", bert_train_step(amp, False), Work(flops=3 * fwd_flops, tokens=TOKENS)))
+        if compile_steps:
+            entries.append(
+                (f"bert-base/train-step/b{BATCH}x{SEQ}{suffix}/compiled", bert_train_step(amp, True), Work(flops=3 * fwd_flops, tokens=TOKENS))
+            )
+    return entries
+
+
 def build_llama_entries(model_dir: str, device: torch.device) -> list[Entry]:
     """SmolLM2 entries; the model is loaded once, by the first selected entry."""
     loaded: list[transformers.LlamaForCausalLM] = []
@@ -363,6 +528,15 @@ def time_entry(step: Callable[[], None], sync: Callable[[], None], args: argpars
     """Median seconds per call and the number of samples taken."""
 
     def timed(reps: int) -> float:
+        if args.device == "cuda":
+            # Device time between two events on the stream, as kdx times itself.
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e-3 / reps
         sync()
         start = time.perf_counter()
         for _ in range(reps):
@@ -398,6 +572,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up calls per entry")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds per entry before stopping early")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile'd training steps (cuda)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -407,9 +582,35 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     table = sys.stderr if args.json else sys.stdout
-    print(f"{'entry':<36} {'median ms':>11} {'rate':>15} {'tokens/s':>10} {'runs':>5}", file=table)
+    print(f"{'entry':<48} {'median ms':>11} {'rate':>15} {'tokens/s':>10} {'runs':>5}", file=table)
     results = []
+
+    def report() -> None:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "device": device_name,
+                        "framework": f"pytorch {torch.__version__}",
+                        "threads": args.threads,
+                        "entries": results,
+                    },
+                    indent=2,
+                )
+            )
+
+    def stopped(signum, frame):
+        # A timeout's SIGTERM: keep what was measured.
+        print(f"stopped by signal {signum}: {len(results)} entries done", file=sys.stderr)
+        report()
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stopped)
     entries = build_entries(minilm_config(args.model), device)
+    if device.type == "cuda":
+        # The GPU list has its own products and attention, in both dtypes and with rotated inputs.
+        entries = [e for e in entries if not e[0].startswith(("matmul/", "attention/"))]
+        entries += build_gpu_entries(device, args.compile)
     llama_entries = build_llama_entries(args.llama_model, device)
     if os.path.isfile(os.path.join(args.llama_model, "config.json")):
         entries += llama_entries
@@ -434,16 +635,9 @@ def main() -> None:
             tokens = f"{result['tokens_per_s']:.0f}"
         result["runs"] = runs
         results.append(result)
-        print(f"{name:<36} {seconds * 1e3:>11.3f} {rate:>15} {tokens:>10} {runs:>5}", file=table, flush=True)
+        print(f"{name:<48} {seconds * 1e3:>11.3f} {rate:>15} {tokens:>10} {runs:>5}", file=table, flush=True)
 
-    if args.json:
-        report = {
-            "device": device_name,
-            "framework": f"pytorch {torch.__version__}",
-            "threads": args.threads,
-            "entries": results,
-        }
-        print(json.dumps(report, indent=2))
+    report()
 
 
 if __name__ == "__main__":

@@ -276,6 +276,15 @@ pub struct AttnShape {
     pub heads: usize,
 }
 
+/// The error of an op a device has no kernel for yet, so that callers (the bench) can tell it from
+/// a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} is not implemented on {device} yet: run it with --device cpu")]
+pub struct NotImplemented {
+    pub op: &'static str,
+    pub device: Device,
+}
+
 /// Shape of a causal (decoder) attention call. Queries are `[batch * q_len, heads * head_dim]`, keys
 /// and values `[batch * kv_len, kv_heads * head_dim]` (grouped-query attention: query head `h` reads
 /// key/value head `h / (heads / kv_heads)`). Query row `i` of sequence `b` sits at position
@@ -439,7 +448,11 @@ pub trait Backend: Send + Sync {
     /// `1 / rms` (`stats.rstd`; `stats.mean` is unused and empty), which the backward needs.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, NormStats)> {
         let _ = (x, weight, eps);
-        bail!("rms_norm is not implemented on {}", self.device())
+        Err(NotImplemented {
+            op: "rms_norm",
+            device: self.device(),
+        }
+        .into())
     }
     /// Returns `dx`; accumulates into `dweight` when given (frozen weights pass `None` and cost nothing).
     fn rms_norm_backward(
@@ -451,7 +464,11 @@ pub trait Backend: Send + Sync {
         dweight: Option<&mut Tensor>,
     ) -> Result<Tensor> {
         let _ = (dy, x, weight, stats, dweight);
-        bail!("rms_norm_backward is not implemented on {}", self.device())
+        Err(NotImplemented {
+            op: "rms_norm_backward",
+            device: self.device(),
+        }
+        .into())
     }
 
     /// Rotary position embedding in place on `x [rows, heads * head_dim]`, Hugging Face's rotate-half
@@ -468,18 +485,30 @@ pub trait Backend: Send + Sync {
         inverse: bool,
     ) -> Result<()> {
         let _ = (x, heads, positions, table, inverse);
-        bail!("rope is not implemented on {}", self.device())
+        Err(NotImplemented {
+            op: "rope",
+            device: self.device(),
+        }
+        .into())
     }
 
     /// SwiGLU: `silu(gate) ⊙ up`, `silu(x) = x·σ(x)`.
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let _ = (gate, up);
-        bail!("swiglu is not implemented on {}", self.device())
+        Err(NotImplemented {
+            op: "swiglu",
+            device: self.device(),
+        }
+        .into())
     }
     /// Returns `(dgate, dup)`.
     fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let _ = (gate, up, dy);
-        bail!("swiglu_backward is not implemented on {}", self.device())
+        Err(NotImplemented {
+            op: "swiglu_backward",
+            device: self.device(),
+        }
+        .into())
     }
 
     /// Causal grouped-query attention ([`CausalShape`]) with an optional deep-prompt prefix; scores are
@@ -495,7 +524,11 @@ pub trait Backend: Send + Sync {
         q_start: &[u32],
     ) -> Result<(Tensor, Tensor)> {
         let _ = (q, k, v, prefix, shape, q_start);
-        bail!("causal_attention is not implemented on {}", self.device())
+        Err(NotImplemented {
+            op: "causal_attention",
+            device: self.device(),
+        }
+        .into())
     }
     #[allow(clippy::too_many_arguments)]
     fn causal_attention_backward(
@@ -510,10 +543,11 @@ pub trait Backend: Send + Sync {
         q_start: &[u32],
     ) -> Result<CausalGrads> {
         let _ = (dout, q, k, v, prefix, probs, shape, q_start);
-        bail!(
-            "causal_attention_backward is not implemented on {}",
-            self.device()
-        )
+        Err(NotImplemented {
+            op: "causal_attention_backward",
+            device: self.device(),
+        }
+        .into())
     }
 
     /// GELU, erf form (as BERT uses).
@@ -661,16 +695,7 @@ pub trait Backend: Send + Sync {
 pub fn backend(device: Device) -> Result<&'static dyn Backend> {
     match device {
         Device::Cpu => Ok(cpu::CpuBackend::get()),
-        Device::Cuda(_) => match cuda::fatbin() {
-            None => bail!(
-                "device {device}: this build has no CUDA kernels: run tools/setup-cuda.sh and \
-                 rebuild (or use --device cpu)"
-            ),
-            Some(_) => bail!(
-                "device {device}: this build has the CUDA kernels, but the CUDA runtime backend \
-                 is not implemented yet; use --device cpu"
-            ),
-        },
+        Device::Cuda(ordinal) => Ok(cuda::CudaBackend::get(ordinal)?),
     }
 }
 

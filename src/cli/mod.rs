@@ -10,6 +10,7 @@ mod fetch;
 mod finetune;
 pub mod generate;
 mod prompt_tune;
+pub mod selftest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -49,6 +50,8 @@ enum Command {
     PromptTune(prompt_tune::Args),
     /// Time every op and a whole training step; print a table or JSON
     Bench(bench::Args),
+    /// Check every op of a device against a reference on random inputs (GPU vs CPU, or CPU f32 vs f64)
+    Selftest(selftest::Args),
 }
 
 pub fn run() -> Result<()> {
@@ -62,5 +65,6 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::PromptTune(args) => prompt_tune::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Selftest(args) => selftest::run(args),
     }
 }

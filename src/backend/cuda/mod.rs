@@ -1,5 +1,38 @@
-//! The CUDA backend. For now it only carries the kernels that build.rs compiled from `kernels/*.cu`:
-//! one fatbin (SASS for sm_80 and sm_90, PTX for compute_90) holding every `kdx_*` entry point.
+//! The CUDA backend: the kernels build.rs compiles from `kernels/*.cu` into one embedded fatbin (SASS
+//! for sm_80 and sm_90, PTX for compute_90), loaded once per device, behind the [`Backend`] trait.
+//! One module per op family, mirroring `kernels/` and `src/backend/cpu/` file for file.
+//!
+//! Tensors live on the device ([`CudaStorage`]); ops take and return device tensors and check that
+//! every operand is on their device. Activations are f32 or bf16, computed in f32; AdamW keeps f32
+//! master weights and moments. Ops without a kernel yet fail with a [`NotImplemented`] error naming
+//! the op.
+
+mod activations;
+mod elementwise;
+mod embedding;
+mod gemm;
+pub(crate) mod launch;
+mod losses;
+mod norms;
+mod optimizer;
+pub mod peak;
+mod pooling;
+pub mod runtime;
+pub mod storage;
+
+use std::sync::{Mutex, PoisonError};
+
+use anyhow::{anyhow, bail, Result};
+
+pub(crate) use elementwise::convert;
+pub use runtime::Gpu;
+pub use storage::CudaStorage;
+
+use super::{
+    AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, RowLosses, Sampling,
+    SoftmaxKl, TopK, Transpose,
+};
+use crate::tensor::{DType, Device, Storage, Tensor};
 
 /// The driver reads the fatbin's header as 8-byte words: keep the embedded bytes aligned for it.
 #[cfg(kdx_kernels)]
@@ -25,5 +58,295 @@ pub(crate) fn fatbin() -> Option<&'static [u8]> {
     #[cfg(not(kdx_kernels))]
     {
         None
+    }
+}
+
+pub struct CudaBackend {
+    gpu: &'static Gpu,
+}
+
+pub use crate::backend::NotImplemented;
+
+impl CudaBackend {
+    /// The backend of `cuda:ordinal`, opened on first use. The error says what is missing: the
+    /// driver, the device, or kernels (in the build, or loadable by this driver and GPU).
+    pub fn get(ordinal: usize) -> Result<&'static CudaBackend> {
+        let backend = open(ordinal)?;
+        if let Some(why) = backend.gpu.kernels_missing() {
+            bail!("{}: {why}", backend.gpu.device());
+        }
+        Ok(backend)
+    }
+
+    pub fn gpu(&self) -> &'static Gpu {
+        self.gpu
+    }
+
+    fn not_yet(&self, op: &'static str) -> anyhow::Error {
+        NotImplemented {
+            op,
+            device: self.gpu.device(),
+        }
+        .into()
+    }
+}
+
+/// The runtime of `cuda:ordinal` (context, stream, copies), opened on first use; copying tensors
+/// needs a driver and a device but no kernels.
+pub(crate) fn gpu(ordinal: usize) -> Result<&'static Gpu> {
+    Ok(open(ordinal)?.gpu)
+}
+
+/// Each device is opened once and lives as long as the process (the backend is handed out as
+/// `&'static dyn Backend`, and device tensors point at their runtime).
+fn open(ordinal: usize) -> Result<&'static CudaBackend> {
+    static OPENED: Mutex<Vec<&'static CudaBackend>> = Mutex::new(Vec::new());
+    let mut opened = OPENED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(backend) = opened
+        .iter()
+        .find(|b| b.gpu.device() == Device::Cuda(ordinal))
+    {
+        return Ok(backend);
+    }
+    let gpu: &'static Gpu = Box::leak(Box::new(Gpu::open(ordinal)?));
+    let backend: &'static CudaBackend = Box::leak(Box::new(CudaBackend { gpu }));
+    opened.push(backend);
+    Ok(backend)
+}
+
+/// The device storage of operand `name` of `op`, which must be on `gpu`.
+pub(crate) fn input<'t>(gpu: &Gpu, op: &str, name: &str, t: &'t Tensor) -> Result<&'t CudaStorage> {
+    match t.storage() {
+        Storage::Cuda(s) if s.device() == gpu.device() => Ok(s),
+        _ => Err(elsewhere(gpu, op, name, t.device())),
+    }
+}
+
+/// [`input`] for an operand the op writes.
+pub(crate) fn output<'t>(
+    gpu: &Gpu,
+    op: &str,
+    name: &str,
+    t: &'t mut Tensor,
+) -> Result<&'t mut CudaStorage> {
+    let device = t.device();
+    match t.cuda_storage_mut() {
+        Some(s) if device == gpu.device() => Ok(s),
+        _ => Err(elsewhere(gpu, op, name, device)),
+    }
+}
+
+fn elsewhere(gpu: &Gpu, op: &str, name: &str, found: Device) -> anyhow::Error {
+    let want = gpu.device();
+    anyhow!(
+        "{op}: {name} is on {found}, not {want}: copy it there with to_device(Device::{want:?})"
+    )
+}
+
+/// Fails unless operand `name` of `op` has `dtype`.
+pub(crate) fn expect_dtype(op: &str, name: &str, t: &Tensor, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        bail!("{op}: {name} is {} but must be {dtype}", t.dtype());
+    }
+    Ok(())
+}
+
+/// A tensor of `shape` over storage a kernel has just filled.
+pub(crate) fn tensor(storage: CudaStorage, shape: &[usize]) -> Result<Tensor> {
+    Tensor::new(Storage::Cuda(storage), shape)
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> Device {
+        self.gpu.device()
+    }
+
+    fn describe(&self) -> String {
+        self.gpu.summary().to_string()
+    }
+
+    fn matmul(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        t: Transpose,
+        out: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        gemm::matmul(self.gpu, a, b, t, out, accumulate)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        gemm::linear(self.gpu, x, w, bias)
+    }
+
+    fn linear_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        dw: &mut Tensor,
+        dbias: Option<&mut Tensor>,
+    ) -> Result<Tensor> {
+        gemm::linear_backward(self.gpu, dy, x, w, dw, dbias)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::add(self.gpu, a, b)
+    }
+
+    fn add_assign(&self, a: &mut Tensor, b: &Tensor) -> Result<()> {
+        elementwise::add_assign(self.gpu, a, b)
+    }
+
+    fn sum_squares(&self, x: &Tensor) -> Result<f64> {
+        elementwise::sum_squares(self.gpu, x)
+    }
+
+    fn scale(&self, x: &mut Tensor, factor: f32) -> Result<()> {
+        elementwise::scale(self.gpu, x, factor)
+    }
+
+    fn dropout(&self, x: Tensor, d: Dropout) -> Result<Tensor> {
+        elementwise::dropout(self.gpu, x, d)
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        embedding::lookup(self.gpu, table, ids)
+    }
+
+    fn embedding_backward(&self, dy: &Tensor, ids: &[u32], dtable: &mut Tensor) -> Result<()> {
+        embedding::scatter_add(self.gpu, dy, ids, dtable)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, NormStats)> {
+        norms::layer_norm(self.gpu, x, gamma, beta, eps)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        gamma: &Tensor,
+        stats: &NormStats,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Result<Tensor> {
+        norms::layer_norm_backward(self.gpu, dy, x, gamma, stats, dgamma, dbeta)
+    }
+
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        activations::gelu(self.gpu, x)
+    }
+
+    fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        activations::gelu_backward(self.gpu, x, dy)
+    }
+
+    fn tanh(&self, x: &Tensor) -> Result<Tensor> {
+        activations::tanh(self.gpu, x)
+    }
+
+    fn tanh_backward(&self, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        activations::tanh_backward(self.gpu, y, dy)
+    }
+
+    fn attention(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _shape: AttnShape,
+        _lengths: &[u32],
+        _dropout: Dropout,
+    ) -> Result<(Tensor, Tensor)> {
+        Err(self.not_yet("attention"))
+    }
+
+    fn attention_backward(
+        &self,
+        _dout: &Tensor,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _probs: &Tensor,
+        _shape: AttnShape,
+        _lengths: &[u32],
+        _dropout: Dropout,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        Err(self.not_yet("attention backward"))
+    }
+
+    fn pool(&self, x: &Tensor, seq: usize, lengths: &[u32], pooling: Pooling) -> Result<Tensor> {
+        pooling::pool(self.gpu, x, seq, lengths, pooling)
+    }
+
+    fn pool_backward(
+        &self,
+        dy: &Tensor,
+        seq: usize,
+        lengths: &[u32],
+        pooling: Pooling,
+    ) -> Result<Tensor> {
+        pooling::pool_backward(self.gpu, dy, seq, lengths, pooling)
+    }
+
+    fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {
+        losses::cross_entropy(self.gpu, logits, labels)
+    }
+
+    fn softmax_kl(&self, _student: &Tensor, _loss: &SoftmaxKl) -> Result<(RowLosses, Tensor)> {
+        Err(self.not_yet("softmax-KL"))
+    }
+
+    fn softmax_kl_in_place(&self, _logits: &mut Tensor, _loss: &SoftmaxKl) -> Result<RowLosses> {
+        Err(self.not_yet("softmax-KL"))
+    }
+
+    fn listwise_cos_kl(
+        &self,
+        _student: &Tensor,
+        _teacher: &Tensor,
+        _tau_student: f32,
+        _tau_teacher: f32,
+        _direction: KlDirection,
+    ) -> Result<(f64, Tensor)> {
+        Err(self.not_yet("listwise cosine KL"))
+    }
+
+    fn cosine_topk_update(
+        &self,
+        _keys: &Tensor,
+        _offset: usize,
+        _queries: &Tensor,
+        _best: &mut TopK,
+    ) -> Result<()> {
+        Err(self.not_yet("cosine top-k"))
+    }
+
+    fn sample(&self, _logits: &Tensor, _s: &Sampling, _step: u64) -> Result<Vec<u32>> {
+        Err(self.not_yet("sampling"))
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        hp: &AdamW,
+        step: u64,
+    ) -> Result<()> {
+        optimizer::adamw(self.gpu, param, grad, m, v, hp, step)
+    }
+
+    fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
+        norms::l2_normalize(self.gpu, x)
     }
 }

@@ -1,0 +1,170 @@
+// Layer norm (forward, backward) and row L2 normalisation, for f32 and bf16 activations with f32
+// statistics. Mirrors src/backend/cpu/norms.rs.
+//
+// Row kernels run one block per row (gridDim.x = rows; blockDim.x a multiple of 32, at most 1024):
+// each thread strides over the row's columns, and block_sum combines in a fixed order.
+#include "common.cuh"
+
+namespace kdx {
+namespace norms {
+
+// Two passes over the row (mean, then the centred sum of squares) keep the variance exact for
+// rows with a large mean, as on the CPU.
+template <typename T>
+__device__ __forceinline__ void layer_norm(const T* __restrict__ x, const T* __restrict__ gamma,
+                                           const T* __restrict__ beta, T* __restrict__ y,
+                                           float* __restrict__ mean, float* __restrict__ rstd,
+                                           size_t cols, float eps) {
+  const size_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  T* yr = y + row * cols;
+  const float n = (float)cols;
+
+  float sum = 0.0f;
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) sum += to_f32(xr[c]);
+  const float mu = block_sum(sum) / n;
+
+  float squares = 0.0f;
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float d = to_f32(xr[c]) - mu;
+    squares += d * d;
+  }
+  const float rs = 1.0f / sqrtf(block_sum(squares) / n + eps);
+
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    yr[c] = from_f32<T>((to_f32(xr[c]) - mu) * rs * to_f32(gamma[c]) + to_f32(beta[c]));
+  }
+  if (threadIdx.x == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+}
+
+// dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with x̂ = (x − μ)·rstd and dx̂ = dy·γ.
+template <typename T>
+__device__ __forceinline__ void layer_norm_backward(const T* __restrict__ dy,
+                                                    const T* __restrict__ x,
+                                                    const T* __restrict__ gamma,
+                                                    const float* __restrict__ mean,
+                                                    const float* __restrict__ rstd,
+                                                    T* __restrict__ dx, size_t cols) {
+  const size_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  const T* dyr = dy + row * cols;
+  T* dxr = dx + row * cols;
+  const float mu = mean[row];
+  const float rs = rstd[row];
+  const float n = (float)cols;
+
+  float dot = 0.0f;
+  float sum = 0.0f;
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float xhat = (to_f32(xr[c]) - mu) * rs;
+    const float dxhat = to_f32(dyr[c]) * to_f32(gamma[c]);
+    dot += dxhat * xhat;
+    sum += dxhat;
+  }
+  const float c1 = block_sum(dot) / n;
+  const float c2 = block_sum(sum) / n;
+
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float xhat = (to_f32(xr[c]) - mu) * rs;
+    const float dxhat = to_f32(dyr[c]) * to_f32(gamma[c]);
+    dxr[c] = from_f32<T>(rs * (dxhat - c2 - xhat * c1));
+  }
+}
+
+// First stage of dγ = Σ_rows dy·x̂ and dβ = Σ_rows dy: block (blockIdx.x, blockIdx.y) sums its
+// columns over chunk blockIdx.y of `rows_per_chunk` rows into row blockIdx.y of `partials`, laid
+// out [chunk][dγ cols | dβ cols]. kdx_column_sums_add_* finishes each half in chunk order.
+template <typename T>
+__device__ __forceinline__ void layer_norm_param_partials(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ rstd, size_t rows, size_t cols, size_t rows_per_chunk,
+    float* __restrict__ partials) {
+  const size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const size_t chunk = blockIdx.y;
+  const size_t first = chunk * rows_per_chunk;
+  const size_t end = min(rows, first + rows_per_chunk);
+  float dgamma = 0.0f;
+  float dbeta = 0.0f;
+  for (size_t r = first; r < end; ++r) {
+    const float g = to_f32(dy[r * cols + c]);
+    dgamma += g * ((to_f32(x[r * cols + c]) - mean[r]) * rstd[r]);
+    dbeta += g;
+  }
+  partials[chunk * 2 * cols + c] = dgamma;
+  partials[chunk * 2 * cols + cols + c] = dbeta;
+}
+
+template <typename T>
+__device__ __forceinline__ void l2_normalize(const T* __restrict__ x, T* __restrict__ y,
+                                             size_t cols) {
+  const size_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  T* yr = y + row * cols;
+  float squares = 0.0f;
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = to_f32(xr[c]);
+    squares += v * v;
+  }
+  // Same guard as torch.nn.functional.normalize: a zero row stays zero.
+  const float norm = fmaxf(sqrtf(block_sum(squares)), 1e-12f);
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = from_f32<T>(to_f32(xr[c]) / norm);
+}
+
+}  // namespace norms
+}  // namespace kdx
+
+// Layer norm of each row of x [rows, cols]: y = (x − μ)·rstd·γ + β, with μ and rstd = 1/√(σ² + ε)
+// written per row (f32, for the backward). One block per row.
+extern "C" __global__ void kdx_layer_norm_f32(const float* x, const float* gamma,
+                                              const float* beta, float* y, float* mean,
+                                              float* rstd, size_t cols, float eps) {
+  kdx::norms::layer_norm(x, gamma, beta, y, mean, rstd, cols, eps);
+}
+extern "C" __global__ void kdx_layer_norm_bf16(const kdx::bf16* x, const kdx::bf16* gamma,
+                                               const kdx::bf16* beta, kdx::bf16* y, float* mean,
+                                               float* rstd, size_t cols, float eps) {
+  kdx::norms::layer_norm(x, gamma, beta, y, mean, rstd, cols, eps);
+}
+
+// dx of the layer norm, from the forward's μ and rstd. One block per row.
+extern "C" __global__ void kdx_layer_norm_backward_f32(const float* dy, const float* x,
+                                                       const float* gamma, const float* mean,
+                                                       const float* rstd, float* dx, size_t cols) {
+  kdx::norms::layer_norm_backward(dy, x, gamma, mean, rstd, dx, cols);
+}
+extern "C" __global__ void kdx_layer_norm_backward_bf16(const kdx::bf16* dy, const kdx::bf16* x,
+                                                        const kdx::bf16* gamma, const float* mean,
+                                                        const float* rstd, kdx::bf16* dx,
+                                                        size_t cols) {
+  kdx::norms::layer_norm_backward(dy, x, gamma, mean, rstd, dx, cols);
+}
+
+// Partial sums of dγ and dβ per chunk of rows: grid (⌈cols/blockDim.x⌉, ⌈rows/rows_per_chunk⌉),
+// partials holding gridDim.y · 2·cols floats.
+extern "C" __global__ void kdx_layer_norm_param_partials_f32(const float* dy, const float* x,
+                                                             const float* mean, const float* rstd,
+                                                             size_t rows, size_t cols,
+                                                             size_t rows_per_chunk,
+                                                             float* partials) {
+  kdx::norms::layer_norm_param_partials(dy, x, mean, rstd, rows, cols, rows_per_chunk, partials);
+}
+extern "C" __global__ void kdx_layer_norm_param_partials_bf16(const kdx::bf16* dy,
+                                                              const kdx::bf16* x,
+                                                              const float* mean, const float* rstd,
+                                                              size_t rows, size_t cols,
+                                                              size_t rows_per_chunk,
+                                                              float* partials) {
+  kdx::norms::layer_norm_param_partials(dy, x, mean, rstd, rows, cols, rows_per_chunk, partials);
+}
+
+// Each row of x [rows, cols] divided by its L2 norm (at least 1e-12). One block per row.
+extern "C" __global__ void kdx_l2_normalize_f32(const float* x, float* y, size_t cols) {
+  kdx::norms::l2_normalize(x, y, cols);
+}
+extern "C" __global__ void kdx_l2_normalize_bf16(const kdx::bf16* x, kdx::bf16* y, size_t cols) {
+  kdx::norms::l2_normalize(x, y, cols);
+}

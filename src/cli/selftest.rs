@@ -1,0 +1,825 @@
+//! `kdx selftest`: every op a device implements, run there and on a reference backend on the same
+//! seeded random inputs, compared element by element: `|got − ref| ≤ atol·s + rtol·|ref|` with
+//! tolerances per dtype, `s` being the output's RMS where that exceeds 1 (a sum over many terms,
+//! such as a bias gradient, carries rounding errors in proportion to its magnitude, not to each
+//! element's, which may cancel to near zero). `--device cuda` checks the GPU (f32 and bf16) against the CPU in f32;
+//! `--device cpu` checks the CPU in f32 against itself in f64.
+//!
+//! A new op adds one [`Case`] (or one per shape) to [`cases`]: its inputs, and a closure running it
+//! on a [`Side`] and returning its named outputs.
+
+use std::fmt::Write as _;
+
+use anyhow::{bail, Result};
+
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{backend, AdamW, Backend, Dropout, Pooling, Transpose};
+use crate::model::params::Rng;
+use crate::tensor::{DType, Device, Tensor};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Device to check: cuda[:N] (against the CPU, f32 and bf16) or cpu (f32 against f64)
+    #[arg(long, default_value = "cuda")]
+    device: Device,
+    /// Seed of the random inputs
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Only cases whose op name contains this
+    filter: Option<String>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let report = selftest(args.device, args.seed, args.filter.as_deref())?;
+    print!("{}", report.table());
+    let failed = report.failures().count();
+    if failed > 0 {
+        bail!(
+            "{failed} of {} checks failed on {}",
+            report.checks.len(),
+            args.device
+        );
+    }
+    println!("all {} checks passed", report.checks.len());
+    Ok(())
+}
+
+/// One output of one case in one dtype.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub op: String,
+    pub shape: String,
+    pub dtype: DType,
+    pub output: String,
+    pub max_abs: f64,
+    /// Over the elements whose reference exceeds `atol` in magnitude (relative error means little
+    /// below it).
+    pub max_rel: f64,
+    /// The largest `|got − ref| / (atol·s + rtol·|ref|)`: the share of the tolerance used (≤ 1 passes).
+    pub tolerance_used: f64,
+    /// Why the check failed without numbers (an error, a missing or misshapen output).
+    pub error: Option<String>,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && self.tolerance_used <= 1.0
+    }
+}
+
+pub struct Report {
+    pub candidate: String,
+    pub reference: String,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn failures(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| !c.passed())
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "candidate: {}\nreference: {}\n\n{:<24} {:<20} {:<5} {:<7} {:>11} {:>11} {:>8}  result\n",
+            self.candidate, self.reference, "op", "shape", "dtype", "output", "max abs", "max rel", "of tol"
+        );
+        for c in &self.checks {
+            let result = match &c.error {
+                Some(e) => format!("FAIL: {e}"),
+                None if c.passed() => "ok".to_string(),
+                None => "FAIL".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<24} {:<20} {:<5} {:<7} {:>11.3e} {:>11.3e} {:>8.3}  {result}",
+                c.op,
+                c.shape,
+                c.dtype.name(),
+                c.output,
+                c.max_abs,
+                c.max_rel,
+                c.tolerance_used
+            );
+        }
+        out
+    }
+}
+
+/// `|got − ref| ≤ atol·s + rtol·|ref|` (`s` = max(1, RMS of the reference output)) for a candidate
+/// computing in `dtype`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+impl Tolerance {
+    /// f32 results differ from the reference by summation order and by the CPU's own `exp`/`erf`
+    /// approximations (about 1e-6 absolute); bf16 results are rounded once to 8 significant bits.
+    pub fn of(dtype: DType) -> Tolerance {
+        match dtype {
+            DType::BF16 | DType::F16 => Tolerance {
+                atol: 1e-4,
+                rtol: 2e-2,
+            },
+            DType::F32 | DType::F64 => Tolerance {
+                atol: 1e-5,
+                rtol: 1e-5,
+            },
+        }
+    }
+}
+
+/// Where a case runs: a backend, and the dtype its activations take there.
+struct Side {
+    backend: &'static dyn Backend,
+    dtype: DType,
+}
+
+impl Side {
+    /// An activation input: in this side's dtype, on its device.
+    fn put(&self, t: &Tensor) -> Result<Tensor> {
+        t.to_dtype(self.dtype)?.to_device(self.backend.device())
+    }
+
+    /// An f32 master value (AdamW's parameters and moments): f32 unless this side computes in f64.
+    fn put_master(&self, t: &Tensor) -> Result<Tensor> {
+        let dtype = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        t.to_dtype(dtype)?.to_device(self.backend.device())
+    }
+}
+
+/// What a case returns: tensors (on any device) or scalars, by name.
+enum Value {
+    Tensor(Tensor),
+    Scalar(f64),
+}
+
+impl From<Tensor> for Value {
+    fn from(t: Tensor) -> Value {
+        Value::Tensor(t)
+    }
+}
+
+impl From<f64> for Value {
+    fn from(v: f64) -> Value {
+        Value::Scalar(v)
+    }
+}
+
+impl Value {
+    fn to_host(&self) -> Result<Vec<f64>> {
+        match self {
+            Value::Tensor(t) => Ok(t.to_device(Device::Cpu)?.to_vec_f64()),
+            Value::Scalar(v) => Ok(vec![*v]),
+        }
+    }
+}
+
+type Outputs = Vec<(&'static str, Value)>;
+type Run = Box<dyn Fn(&Side, &[Tensor]) -> Result<Outputs>>;
+
+/// One op on one set of inputs.
+struct Case {
+    op: &'static str,
+    shape: String,
+    /// Host f32 values; each side converts what it needs with [`Side::put`] / [`Side::put_master`].
+    inputs: Vec<Tensor>,
+    run: Run,
+}
+
+impl Case {
+    fn new(
+        op: &'static str,
+        shape: impl Into<String>,
+        inputs: Vec<Tensor>,
+        run: impl Fn(&Side, &[Tensor]) -> Result<Outputs> + 'static,
+    ) -> Case {
+        Case {
+            op,
+            shape: shape.into(),
+            inputs,
+            run: Box::new(run),
+        }
+    }
+}
+
+/// Runs every case (whose op contains `filter`) on `device` and on its reference.
+pub fn selftest(device: Device, seed: u64, filter: Option<&str>) -> Result<Report> {
+    let cpu = backend(Device::Cpu)?;
+    let (reference, candidates) = match device {
+        Device::Cpu => (
+            Side {
+                backend: cpu,
+                dtype: DType::F64,
+            },
+            vec![Side {
+                backend: cpu,
+                dtype: DType::F32,
+            }],
+        ),
+        Device::Cuda(ordinal) => {
+            let cuda = CudaBackend::get(ordinal)?;
+            // Every launch waits and reports its own error; fresh outputs start as NaN.
+            cuda.gpu().set_checked(true);
+            let candidates = [DType::F32, DType::BF16]
+                .map(|dtype| Side {
+                    backend: cuda,
+                    dtype,
+                })
+                .into();
+            (
+                Side {
+                    backend: cpu,
+                    dtype: DType::F32,
+                },
+                candidates,
+            )
+        }
+    };
+    let mut checks = Vec::new();
+    for case in cases(seed) {
+        if filter.is_some_and(|f| !case.op.contains(f)) {
+            continue;
+        }
+        for side in &candidates {
+            checks.extend(check_case(&case, &reference, side));
+        }
+    }
+    Ok(Report {
+        candidate: format!(
+            "{} in {}",
+            candidates[0].backend.describe(),
+            candidates
+                .iter()
+                .map(|s| s.dtype.name())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ),
+        reference: format!("{} in {}", reference.backend.describe(), reference.dtype),
+        checks,
+    })
+}
+
+/// Runs `case` on both sides, on inputs rounded to the candidate's dtype (so both see the same
+/// values), and compares each output.
+fn check_case(case: &Case, reference: &Side, candidate: &Side) -> Vec<Check> {
+    let check = |output: &str, error: Option<String>| Check {
+        op: case.op.to_string(),
+        shape: case.shape.clone(),
+        dtype: candidate.dtype,
+        output: output.to_string(),
+        max_abs: f64::NAN,
+        max_rel: f64::NAN,
+        tolerance_used: f64::NAN,
+        error,
+    };
+    let run = |side: &Side| -> Result<Vec<(&'static str, Vec<f64>)>> {
+        let inputs = case
+            .inputs
+            .iter()
+            .map(|t| t.to_dtype(candidate.dtype)?.to_dtype(DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        (case.run)(side, &inputs)?
+            .into_iter()
+            .map(|(name, value)| Ok((name, value.to_host()?)))
+            .collect()
+    };
+    let (expected, got) = match (run(reference), run(candidate)) {
+        (Ok(e), Ok(g)) => (e, g),
+        (Err(e), _) => return vec![check("-", Some(format!("reference: {e:#}")))],
+        (_, Err(e)) => return vec![check("-", Some(format!("{e:#}")))],
+    };
+    let tolerance = Tolerance::of(candidate.dtype);
+    expected
+        .iter()
+        .map(|(name, want)| match got.iter().find(|(n, _)| n == name) {
+            None => check(name, Some("no such output".into())),
+            Some((_, have)) if have.len() != want.len() => check(
+                name,
+                Some(format!("{} elements, expected {}", have.len(), want.len())),
+            ),
+            Some((_, have)) => {
+                let (max_abs, max_rel, tolerance_used) = compare(want, have, tolerance);
+                Check {
+                    max_abs,
+                    max_rel,
+                    tolerance_used,
+                    ..check(name, None)
+                }
+            }
+        })
+        .collect()
+}
+
+/// `(max |got − ref|, max relative error where |ref| > atol, max share of the tolerance used)`;
+/// a NaN where the reference has a value uses an infinite share.
+pub fn compare(want: &[f64], got: &[f64], tol: Tolerance) -> (f64, f64, f64) {
+    let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
+    let atol = tol.atol * rms.max(1.0);
+    let (mut max_abs, mut max_rel, mut used) = (0f64, 0f64, 0f64);
+    for (&w, &g) in want.iter().zip(got) {
+        let diff = (g - w).abs();
+        let share = if diff.is_nan() {
+            f64::INFINITY
+        } else {
+            diff / (atol + tol.rtol * w.abs())
+        };
+        used = used.max(share);
+        max_abs = max_abs.max(if diff.is_nan() { f64::INFINITY } else { diff });
+        if w.abs() > tol.atol {
+            max_rel = max_rel.max(diff / w.abs());
+        }
+    }
+    (max_abs, max_rel, used)
+}
+
+/// Normal random values: never zeros or constants.
+fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(values, shape).expect("length matches the shape")
+}
+
+/// Uniform in (−1, 1): outputs of tanh.
+fn uniform_pm1(rng: &mut Rng, shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| 2.0 * rng.uniform() - 1.0).collect();
+    Tensor::from_vec(values, shape).expect("length matches the shape")
+}
+
+fn below(rng: &mut Rng, n: usize, bound: u32) -> Vec<u32> {
+    (0..n).map(|_| rng.below(bound as u64) as u32).collect()
+}
+
+/// All NaN: an output that a kernel must overwrite in full.
+fn nan(shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(vec![f32::NAN; n], shape).expect("length matches the shape")
+}
+
+fn dims(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join("×")
+}
+
+/// Every case, inputs drawn from `seed`. Shapes are deliberately odd (not multiples of a warp or a
+/// block), some rows longer than a block, some tensors larger than one grid-stride pass.
+fn cases(seed: u64) -> Vec<Case> {
+    let mut rng = Rng::new(seed);
+    let rng = &mut rng;
+    let mut cases = Vec::new();
+    const ODD: [usize; 3] = [3, 47, 31];
+    // 1.28M elements: more than the 4096 blocks × 256 threads of one grid-stride pass.
+    const LARGE: [usize; 2] = [1031, 1237];
+
+    for shape in [&ODD[..], &LARGE[..]] {
+        let inputs = vec![randn(rng, shape), randn(rng, shape)];
+        cases.push(Case::new("add", dims(shape), inputs, |s, x| {
+            let out = s.backend.add(&s.put(&x[0])?, &s.put(&x[1])?)?;
+            Ok(vec![("out", out.into())])
+        }));
+        cases.push(Case::new(
+            "sum_squares",
+            dims(shape),
+            vec![randn(rng, shape)],
+            |s, x| Ok(vec![("sum", s.backend.sum_squares(&s.put(&x[0])?)?.into())]),
+        ));
+        let d = Dropout {
+            p: 0.13,
+            seed: rng.next_u64(),
+        };
+        cases.push(Case::new(
+            "dropout",
+            dims(shape),
+            vec![randn(rng, shape)],
+            move |s, x| Ok(vec![("out", s.backend.dropout(s.put(&x[0])?, d)?.into())]),
+        ));
+    }
+    cases.push(Case::new(
+        "add_assign",
+        dims(&ODD),
+        vec![randn(rng, &ODD), randn(rng, &ODD)],
+        |s, x| {
+            let mut a = s.put(&x[0])?;
+            s.backend.add_assign(&mut a, &s.put(&x[1])?)?;
+            Ok(vec![("a", a.into())])
+        },
+    ));
+    cases.push(Case::new(
+        "scale",
+        dims(&ODD),
+        vec![randn(rng, &ODD)],
+        |s, x| {
+            let mut a = s.put(&x[0])?;
+            s.backend.scale(&mut a, -0.37)?;
+            Ok(vec![("x", a.into())])
+        },
+    ));
+
+    type Forward = fn(&dyn Backend, &Tensor) -> Result<Tensor>;
+    type Backward = fn(&dyn Backend, &Tensor, &Tensor) -> Result<Tensor>;
+    let activations: [(&str, Forward, &str, Backward); 2] = [
+        (
+            "gelu",
+            |b, x| b.gelu(x),
+            "gelu_backward",
+            |b, x, dy| b.gelu_backward(x, dy),
+        ),
+        (
+            "tanh",
+            |b, x| b.tanh(x),
+            "tanh_backward",
+            |b, y, dy| b.tanh_backward(y, dy),
+        ),
+    ];
+    for (op, forward, backward_op, backward) in activations {
+        cases.push(Case::new(
+            op,
+            dims(&ODD),
+            vec![randn(rng, &ODD)],
+            move |s, t| Ok(vec![("y", forward(s.backend, &s.put(&t[0])?)?.into())]),
+        ));
+        // GELU's backward takes the forward's input, tanh's its output (in (−1, 1)).
+        let saved = if op == "tanh" {
+            uniform_pm1(rng, &ODD)
+        } else {
+            randn(rng, &ODD)
+        };
+        cases.push(Case::new(
+            backward_op,
+            dims(&ODD),
+            vec![saved, randn(rng, &ODD)],
+            move |s, t| {
+                let dx = backward(s.backend, &s.put(&t[0])?, &s.put(&t[1])?)?;
+                Ok(vec![("dx", dx.into())])
+            },
+        ));
+    }
+
+    // [rows, cols]: a row shorter than a warp, rows longer than a block, and enough rows for many
+    // chunks in the dγ/dβ reduction.
+    for [rows, cols] in [[141, 31], [5, 7], [37, 1537], [2100, 67]] {
+        let shape = [rows, cols];
+        let x = randn(rng, &shape);
+        // A mean far from zero: the two-pass variance must not lose it.
+        let x = Tensor::from_vec(
+            x.to_vec_f32()
+                .iter()
+                .map(|v| 2.0 * v + 3.0)
+                .collect::<Vec<f32>>(),
+            &shape,
+        )
+        .expect("same shape");
+        let (gamma, beta) = (randn(rng, &[cols]), randn(rng, &[cols]));
+        cases.push(Case::new(
+            "layer_norm",
+            dims(&shape),
+            vec![x.clone(), gamma.clone(), beta.clone()],
+            |s, x| {
+                let (y, stats) =
+                    s.backend
+                        .layer_norm(&s.put(&x[0])?, &s.put(&x[1])?, &s.put(&x[2])?, 1e-5)?;
+                Ok(vec![
+                    ("y", y.into()),
+                    ("mean", stats.mean.into()),
+                    ("rstd", stats.rstd.into()),
+                ])
+            },
+        ));
+        let inputs = vec![
+            x,
+            gamma,
+            beta,
+            randn(rng, &shape),
+            randn(rng, &[cols]),
+            randn(rng, &[cols]),
+        ];
+        cases.push(Case::new(
+            "layer_norm_backward",
+            dims(&shape),
+            inputs,
+            |s, t| {
+                let (x, gamma) = (s.put(&t[0])?, s.put(&t[1])?);
+                let (_, stats) = s.backend.layer_norm(&x, &gamma, &s.put(&t[2])?, 1e-5)?;
+                let (mut dgamma, mut dbeta) = (s.put(&t[4])?, s.put(&t[5])?);
+                let dx = s.backend.layer_norm_backward(
+                    &s.put(&t[3])?,
+                    &x,
+                    &gamma,
+                    &stats,
+                    &mut dgamma,
+                    &mut dbeta,
+                )?;
+                Ok(vec![
+                    ("dx", dx.into()),
+                    ("dgamma", dgamma.into()),
+                    ("dbeta", dbeta.into()),
+                ])
+            },
+        ));
+    }
+    for [rows, cols] in [[141, 31], [7, 1537]] {
+        cases.push(Case::new(
+            "l2_normalize",
+            dims(&[rows, cols]),
+            vec![randn(rng, &[rows, cols])],
+            |s, x| Ok(vec![("y", s.backend.l2_normalize(&s.put(&x[0])?)?.into())]),
+        ));
+    }
+
+    // Ids drawn from a few rows only, so many positions share a row in the backward.
+    for (vocab, dim, n, distinct) in [(97, 31, 141, 13), (50, 385, 67, 50)] {
+        let ids = below(rng, n, distinct);
+        let shape = format!("{vocab}×{dim}, {n} ids");
+        let lookup_ids = ids.clone();
+        cases.push(Case::new(
+            "embedding",
+            shape.clone(),
+            vec![randn(rng, &[vocab, dim])],
+            move |s, t| {
+                let out = s.backend.embedding(&s.put(&t[0])?, &lookup_ids)?;
+                Ok(vec![("out", out.into())])
+            },
+        ));
+        cases.push(Case::new(
+            "embedding_backward",
+            shape,
+            vec![randn(rng, &[n, dim]), randn(rng, &[vocab, dim])],
+            move |s, t| {
+                let mut dtable = s.put(&t[1])?;
+                s.backend
+                    .embedding_backward(&s.put(&t[0])?, &ids, &mut dtable)?;
+                Ok(vec![("dtable", dtable.into())])
+            },
+        ));
+    }
+
+    for [rows, classes] in [[37, 1013], [5, 7], [3, 5003]] {
+        let labels = below(rng, rows, classes as u32);
+        let logits = randn(rng, &[rows, classes]);
+        let logits = Tensor::from_vec(
+            logits
+                .to_vec_f32()
+                .iter()
+                .map(|v| 3.0 * v)
+                .collect::<Vec<f32>>(),
+            &[rows, classes],
+        )
+        .expect("same shape");
+        cases.push(Case::new(
+            "cross_entropy",
+            dims(&[rows, classes]),
+            vec![logits],
+            move |s, t| {
+                let (loss, grad) = s.backend.cross_entropy(&s.put(&t[0])?, &labels)?;
+                Ok(vec![("loss", loss.into()), ("grad", grad.into())])
+            },
+        ));
+    }
+
+    // Three sequences of 47 positions: one full, one of a single token, one in between.
+    let (seq, hidden) = (47, 31);
+    let lengths = vec![47, 1, 1 + rng.below(46) as u32];
+    let batch = lengths.len();
+    for (pooling, op, backward_op) in [
+        (Pooling::Mean, "pool(mean)", "pool_backward(mean)"),
+        (Pooling::Cls, "pool(cls)", "pool_backward(cls)"),
+    ] {
+        let lengths_fwd = lengths.clone();
+        cases.push(Case::new(
+            op,
+            format!("{batch}×{seq}×{hidden}"),
+            vec![randn(rng, &[batch * seq, hidden])],
+            move |s, t| {
+                let out = s.backend.pool(&s.put(&t[0])?, seq, &lengths_fwd, pooling)?;
+                Ok(vec![("out", out.into())])
+            },
+        ));
+        let lengths_bwd = lengths.clone();
+        cases.push(Case::new(
+            backward_op,
+            format!("{batch}×{seq}×{hidden}"),
+            vec![randn(rng, &[batch, hidden])],
+            move |s, t| {
+                let dx = s
+                    .backend
+                    .pool_backward(&s.put(&t[0])?, seq, &lengths_bwd, pooling)?;
+                Ok(vec![("dx", dx.into())])
+            },
+        ));
+    }
+
+    matmul_cases(rng, &mut cases);
+    linear_cases(rng, &mut cases);
+
+    // The second moment must be non-negative: squares of normal values.
+    let v = randn(rng, &ODD);
+    let v = Tensor::from_vec(
+        v.to_vec_f32()
+            .iter()
+            .map(|x| 1e-3 * x * x)
+            .collect::<Vec<f32>>(),
+        &ODD,
+    )
+    .expect("same shape");
+    let inputs = vec![randn(rng, &ODD), randn(rng, &ODD), randn(rng, &ODD), v];
+    cases.push(Case::new("adamw", dims(&ODD), inputs, |s, t| {
+        let hp = AdamW {
+            lr: 1e-2,
+            ..AdamW::default()
+        };
+        let (mut param, grad) = (s.put_master(&t[0])?, s.put(&t[1])?);
+        let (mut m, mut v) = (s.put_master(&t[2])?, s.put_master(&t[3])?);
+        s.backend.adamw(&mut param, &grad, &mut m, &mut v, &hp, 3)?;
+        Ok(vec![
+            ("param", param.into()),
+            ("m", m.into()),
+            ("v", v.into()),
+        ])
+    }));
+    cases
+}
+
+/// How a batch of matrix products is laid out.
+#[derive(Clone, Copy)]
+enum BatchLayout {
+    /// Plain 2-D operands.
+    Single,
+    /// `[count, rows, cols]` operands.
+    Each(usize),
+    /// `[count, rows, cols]` a and out, one 2-D b for every product.
+    SharedB(usize),
+}
+
+/// Matrix products in every transpose combination. The shapes: odd (no dimension a multiple of 8,
+/// so the bf16 kernel loads element by element), an empty k (zeros), mixed (some operands in whole
+/// chunks of 8, some not), in chunks of 8 but not in whole 128 × 128 × 32 tiles (16-byte copies,
+/// edge tiles), batches, a b shared by a batch, accumulation onto random values, and transformer
+/// shapes (a long k, a weight gradient). Outputs start as NaN where they are overwritten.
+fn matmul_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    const ALL: [Transpose; 4] = [Transpose::NN, Transpose::NT, Transpose::TN, Transpose::TT];
+    let specs: [(&'static str, BatchLayout, [usize; 3], &[Transpose]); 11] = [
+        ("matmul", BatchLayout::Single, [3, 47, 31], &ALL),
+        ("matmul", BatchLayout::Single, [5, 0, 7], &[Transpose::NN]),
+        ("matmul", BatchLayout::Single, [130, 200, 70], &ALL),
+        ("matmul", BatchLayout::Each(3), [37, 45, 29], &ALL),
+        ("matmul", BatchLayout::Each(2), [136, 72, 264], &ALL),
+        (
+            "matmul",
+            BatchLayout::Single,
+            [128, 3072, 768],
+            &[Transpose::NN],
+        ),
+        (
+            "matmul",
+            BatchLayout::Single,
+            [768, 512, 3072],
+            &[Transpose::TN],
+        ),
+        ("matmul(shared b)", BatchLayout::SharedB(3), [5, 9, 7], &ALL),
+        (
+            "matmul(shared b)",
+            BatchLayout::SharedB(3),
+            [40, 56, 24],
+            &ALL,
+        ),
+        (
+            "matmul(accumulate)",
+            BatchLayout::Each(2),
+            [37, 45, 29],
+            &ALL,
+        ),
+        (
+            "matmul(accumulate)",
+            BatchLayout::Single,
+            [136, 72, 264],
+            &ALL,
+        ),
+    ];
+    for (op, batch, [m, k, n], transposes) in specs {
+        for &t in transposes {
+            let (leading, b_leading, label) = match batch {
+                BatchLayout::Single => (vec![], vec![], String::new()),
+                BatchLayout::Each(c) => (vec![c], vec![c], format!("b{c} ")),
+                BatchLayout::SharedB(c) => (vec![c], vec![], format!("b{c} ")),
+            };
+            let shape = |leading: &[usize], matrix: [usize; 2]| [leading, &matrix].concat();
+            let a = randn(rng, &shape(&leading, if t.a { [k, m] } else { [m, k] }));
+            let b = randn(rng, &shape(&b_leading, if t.b { [n, k] } else { [k, n] }));
+            let out_shape = shape(&leading, [m, n]);
+            let accumulate = op == "matmul(accumulate)";
+            let out = if accumulate {
+                randn(rng, &out_shape)
+            } else {
+                nan(&out_shape)
+            };
+            let tag = match (t.a, t.b) {
+                (false, false) => "nn",
+                (false, true) => "nt",
+                (true, false) => "tn",
+                (true, true) => "tt",
+            };
+            cases.push(Case::new(
+                op,
+                format!("{label}{m}×{k}×{n} {tag}"),
+                vec![a, b, out],
+                move |s, x| {
+                    let mut out = s.put(&x[2])?;
+                    s.backend
+                        .matmul(&s.put(&x[0])?, &s.put(&x[1])?, t, &mut out, accumulate)?;
+                    Ok(vec![("out", out.into())])
+                },
+            ));
+        }
+    }
+}
+
+/// `linear` and its backward: odd shapes, a 3-D input without a bias, BERT-base's projections,
+/// and enough rows for the bias gradient's column sum to take many chunks.
+fn linear_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    // (leading dimensions of x, in, out, with a bias)
+    let specs: [(&[usize], usize, usize, bool); 6] = [
+        (&[3], 47, 31, true),
+        (&[2, 5], 47, 31, false),
+        (&[512], 768, 3072, true),
+        (&[512], 3072, 768, true),
+        (&[2100], 40, 24, true),
+        (&[64], 8, 1, true),
+    ];
+    for (leading, inp, outp, with_bias) in specs {
+        let (op, backward_op) = if with_bias {
+            ("linear", "linear_backward")
+        } else {
+            ("linear(no bias)", "linear_backward(no bias)")
+        };
+        let x_shape = [leading, &[inp]].concat();
+        let y_shape = [leading, &[outp]].concat();
+        let label = format!("{} → {outp}", dims(&x_shape));
+        let (x, w, bias) = (
+            randn(rng, &x_shape),
+            randn(rng, &[outp, inp]),
+            randn(rng, &[outp]),
+        );
+        cases.push(Case::new(
+            op,
+            label.clone(),
+            vec![x.clone(), w.clone(), bias],
+            move |s, t| {
+                let bias = if with_bias { Some(s.put(&t[2])?) } else { None };
+                let y = s
+                    .backend
+                    .linear(&s.put(&t[0])?, &s.put(&t[1])?, bias.as_ref())?;
+                Ok(vec![("y", y.into())])
+            },
+        ));
+        // dw and dbias start random: the backward accumulates into them.
+        let inputs = vec![
+            randn(rng, &y_shape),
+            x,
+            w,
+            randn(rng, &[outp, inp]),
+            randn(rng, &[outp]),
+        ];
+        cases.push(Case::new(backward_op, label, inputs, move |s, t| {
+            let (mut dw, mut dbias) = (s.put(&t[3])?, s.put(&t[4])?);
+            let dx = s.backend.linear_backward(
+                &s.put(&t[0])?,
+                &s.put(&t[1])?,
+                &s.put(&t[2])?,
+                &mut dw,
+                with_bias.then_some(&mut dbias),
+            )?;
+            let mut outputs = vec![("dx", dx.into()), ("dw", dw.into())];
+            if with_bias {
+                outputs.push(("dbias", dbias.into()));
+            }
+            Ok(outputs)
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{compare, Tolerance};
+
+    #[test]
+    fn compare_flags_nan_and_measures_shares() {
+        let tol = Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        };
+        let (abs, rel, used) = compare(&[1.0, -2.0], &[1.0 + 1e-6, -2.0], tol);
+        assert!((abs - 1e-6).abs() < 1e-12 && (rel - 1e-6).abs() < 1e-12);
+        assert!(used < 0.1);
+        let (_, _, used) = compare(&[1.0, 2.0], &[1.0, f64::NAN], tol);
+        assert!(used.is_infinite());
+    }
+}
