@@ -49,8 +49,14 @@ pub fn rope_table(max_position: usize, head_dim: usize, theta: f64, dtype: DType
     }
 }
 
-/// Checks the operands of [`rope`]; returns `(rows, head_dim)`.
-fn check(x: &Tensor, heads: usize, positions: &[u32], table: &Tensor) -> Result<(usize, usize)> {
+/// Checks the operands of [`rope`] (shared with the CUDA backend, which takes the same ones);
+/// returns `(rows, head_dim)`.
+pub(crate) fn check(
+    x: &Tensor,
+    heads: usize,
+    positions: &[u32],
+    table: &Tensor,
+) -> Result<(usize, usize)> {
     let (rows, width) = x.rows_cols();
     if heads == 0
         || width == 0

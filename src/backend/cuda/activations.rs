@@ -1,4 +1,4 @@
-//! Activations and their backward: GELU (erf form) and tanh (kernels/activations.cu).
+//! Activations and their backward: GELU (erf form), tanh and SwiGLU (kernels/activations.cu).
 
 use anyhow::Result;
 
@@ -61,4 +61,63 @@ pub(crate) fn tanh(gpu: &'static Gpu, x: &Tensor) -> Result<Tensor> {
 pub(crate) fn tanh_backward(gpu: &'static Gpu, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let kernel = kernel!("kdx_tanh_backward", y.dtype());
     backward(gpu, "tanh backward", kernel, y, dy)
+}
+
+/// `silu(gate)·up`, `silu(x) = x·σ(x)`.
+pub(crate) fn swiglu(gpu: &'static Gpu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    const OP: &str = "SwiGLU";
+    check_same_shape("SwiGLU (gate vs up)", gate, up)?;
+    let kernel = kernel!("kdx_swiglu", gate.dtype());
+    let gate_ptr = input(gpu, OP, "gate", gate)?.ptr();
+    let up_ptr = input(gpu, OP, "up", up)?.ptr();
+    let n = gate.numel();
+    let mut y = CudaStorage::alloc(gpu, n, gate.dtype())?;
+    // SAFETY: kdx_swiglu_<T>(const T* gate, const T* up, T* y, size_t n), each holding n elements
+    // of T.
+    unsafe {
+        launch!(
+            gpu,
+            kernel,
+            elementwise(n),
+            [gate_ptr, up_ptr, y.ptr_mut()?, n]
+        )
+    }?;
+    tensor(y, gate.shape())
+}
+
+/// Returns `(dgate, dup)`.
+pub(crate) fn swiglu_backward(
+    gpu: &'static Gpu,
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "SwiGLU backward";
+    check_same_shape("SwiGLU backward (gate vs up)", gate, up)?;
+    check_same_shape("SwiGLU backward (gate vs dy)", gate, dy)?;
+    let kernel = kernel!("kdx_swiglu_backward", gate.dtype());
+    let gate_ptr = input(gpu, OP, "gate", gate)?.ptr();
+    let up_ptr = input(gpu, OP, "up", up)?.ptr();
+    let dy_ptr = input(gpu, OP, "dy", dy)?.ptr();
+    let n = gate.numel();
+    let mut dgate = CudaStorage::alloc(gpu, n, gate.dtype())?;
+    let mut dup = CudaStorage::alloc(gpu, n, gate.dtype())?;
+    // SAFETY: kdx_swiglu_backward_<T>(const T* gate, const T* up, const T* dy, T* dgate, T* dup,
+    // size_t n), each holding n elements of T.
+    unsafe {
+        launch!(
+            gpu,
+            kernel,
+            elementwise(n),
+            [
+                gate_ptr,
+                up_ptr,
+                dy_ptr,
+                dgate.ptr_mut()?,
+                dup.ptr_mut()?,
+                n
+            ]
+        )
+    }?;
+    Ok((tensor(dgate, gate.shape())?, tensor(dup, gate.shape())?))
 }

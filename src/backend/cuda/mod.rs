@@ -17,6 +17,7 @@ mod norms;
 mod optimizer;
 pub mod peak;
 mod pooling;
+mod rope;
 pub mod runtime;
 pub mod storage;
 
@@ -239,6 +240,40 @@ impl Backend for CudaBackend {
         dbeta: &mut Tensor,
     ) -> Result<Tensor> {
         norms::layer_norm_backward(self.gpu, dy, x, gamma, stats, dgamma, dbeta)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, NormStats)> {
+        norms::rms_norm(self.gpu, x, weight, eps)
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        stats: &NormStats,
+        dweight: Option<&mut Tensor>,
+    ) -> Result<Tensor> {
+        norms::rms_norm_backward(self.gpu, dy, x, weight, stats, dweight)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Tensor,
+        heads: usize,
+        positions: &[u32],
+        table: &Tensor,
+        inverse: bool,
+    ) -> Result<()> {
+        rope::rope(self.gpu, x, heads, positions, table, inverse)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        activations::swiglu(self.gpu, gate, up)
+    }
+
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        activations::swiglu_backward(self.gpu, gate, up, dy)
     }
 
     fn gelu(&self, x: &Tensor) -> Result<Tensor> {
