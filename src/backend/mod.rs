@@ -699,6 +699,67 @@ pub fn backend(device: Device) -> Result<&'static dyn Backend> {
     }
 }
 
+/// The sizes of a `matmul` call (`out[i] = op(a[i])·op(b[i])`), checked against the operands'
+/// shapes and dtypes: every backend validates through this one place.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MatmulDims {
+    /// Leading (batch) dimensions of `a`, and of `b` (1: one matrix shared by the batch).
+    pub batch: usize,
+    pub b_batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// Stored widths (last dimensions) of `a` and `b`.
+    pub a_cols: usize,
+    pub b_cols: usize,
+}
+
+impl MatmulDims {
+    pub fn of(a: &Tensor, b: &Tensor, t: Transpose, out: &Tensor) -> Result<MatmulDims> {
+        let (ash, bsh) = (a.shape(), b.shape());
+        if ash.len() < 2 || bsh.len() < 2 {
+            bail!("matmul: operands must be at least 2-D, got {ash:?} and {bsh:?}");
+        }
+        let (ar, ac) = (ash[ash.len() - 2], ash[ash.len() - 1]);
+        let (br, bc) = (bsh[bsh.len() - 2], bsh[bsh.len() - 1]);
+        let (m, k) = if t.a { (ac, ar) } else { (ar, ac) };
+        let (kb, n) = if t.b { (bc, br) } else { (br, bc) };
+        let tr = |transposed: bool| if transposed { "ᵀ" } else { "" };
+        if k != kb {
+            bail!(
+                "matmul: inner dimensions differ: {ash:?}{} · {bsh:?}{}",
+                tr(t.a),
+                tr(t.b)
+            );
+        }
+        let batch: usize = ash[..ash.len() - 2].iter().product();
+        let b_batch: usize = bsh[..bsh.len() - 2].iter().product();
+        if b_batch != 1 && b_batch != batch {
+            bail!("matmul: batch dimensions differ: {ash:?} vs {bsh:?} (b may also be a single matrix)");
+        }
+        let mut want = ash[..ash.len() - 2].to_vec();
+        want.extend([m, n]);
+        if out.shape() != want {
+            bail!(
+                "matmul: output has shape {:?}, expected {want:?}",
+                out.shape()
+            );
+        }
+        if a.dtype() != b.dtype() || a.dtype() != out.dtype() {
+            bail!("matmul: dtypes differ");
+        }
+        Ok(MatmulDims {
+            batch,
+            b_batch,
+            m,
+            n,
+            k,
+            a_cols: ac,
+            b_cols: bc,
+        })
+    }
+}
+
 /// Checks that two shapes agree, naming the op and the operands.
 pub(crate) fn check_same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {

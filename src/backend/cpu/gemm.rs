@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::elementwise::column_sums_into;
 use super::simd::{dot, simd, Real, SendPtr};
 use super::with_real;
-use crate::backend::Transpose;
+use crate::backend::{MatmulDims, Transpose};
 use crate::tensor::Tensor;
 
 /// A strided matrix view: element (i, j) is at `ptr + i*rs + j*cs`.
@@ -101,38 +101,15 @@ pub fn matmul(
     out: &mut Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    let (ash, bsh) = (a.shape(), b.shape());
-    ensure!(
-        ash.len() >= 2 && bsh.len() >= 2,
-        "matmul: operands must be at least 2-D, got {ash:?} and {bsh:?}"
-    );
-    let (ar, ac) = (ash[ash.len() - 2], ash[ash.len() - 1]);
-    let (br, bc) = (bsh[bsh.len() - 2], bsh[bsh.len() - 1]);
-    let (m, k) = if t.a { (ac, ar) } else { (ar, ac) };
-    let (kb, n) = if t.b { (bc, br) } else { (br, bc) };
-    ensure!(
-        k == kb,
-        "matmul: inner dimensions differ: {ash:?}{} · {bsh:?}{}",
-        tr(t.a),
-        tr(t.b)
-    );
-    let batch: usize = ash[..ash.len() - 2].iter().product();
-    let b_batch: usize = bsh[..bsh.len() - 2].iter().product();
-    ensure!(
-        b_batch == 1 || b_batch == batch,
-        "matmul: batch dimensions differ: {ash:?} vs {bsh:?} (b may also be a single matrix)"
-    );
-    let mut want = ash[..ash.len() - 2].to_vec();
-    want.extend([m, n]);
-    ensure!(
-        out.shape() == want,
-        "matmul: output has shape {:?}, expected {want:?}",
-        out.shape()
-    );
-    ensure!(
-        a.dtype() == b.dtype() && a.dtype() == out.dtype(),
-        "matmul: dtypes differ"
-    );
+    let MatmulDims {
+        batch,
+        b_batch,
+        m,
+        n,
+        k,
+        a_cols: ac,
+        b_cols: bc,
+    } = MatmulDims::of(a, b, t, out)?;
     with_real!(a.dtype(), T => {
         let (ad, bd) = (a.data::<T>()?, b.data::<T>()?);
         let od = SendPtr(out.data_mut::<T>()?.as_mut_ptr());
@@ -157,14 +134,6 @@ pub fn matmul(
         }
     });
     Ok(())
-}
-
-fn tr(transposed: bool) -> &'static str {
-    if transposed {
-        "ᵀ"
-    } else {
-        ""
-    }
 }
 
 /// One row-major product `out[m, n] (+)= op(a)·op(b)` on slices, split across all threads.

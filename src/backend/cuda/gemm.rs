@@ -9,7 +9,7 @@ use super::elementwise::column_sums_into;
 use super::launch::{self, kernel, launch, Ptr, GEMM_BF16_SHARED, GEMM_MAX_BATCH};
 use super::runtime::Gpu;
 use super::{expect_dtype, input, output, tensor, CudaStorage};
-use crate::backend::Transpose;
+use crate::backend::{MatmulDims, Transpose};
 use crate::tensor::{DType, Tensor};
 
 /// `batch` products `c[z] (+)= op(a[z])·op(b[z]) (+ bias)` of an m×k by a k×n matrix, row-major,
@@ -105,14 +105,6 @@ fn copies_16_bytes(start: Ptr, contiguous: usize) -> bool {
     contiguous.is_multiple_of(8) && start.0.is_multiple_of(16)
 }
 
-fn tr(transposed: bool) -> &'static str {
-    if transposed {
-        "ᵀ"
-    } else {
-        ""
-    }
-}
-
 pub(crate) fn matmul(
     gpu: &Gpu,
     a: &Tensor,
@@ -121,38 +113,14 @@ pub(crate) fn matmul(
     out: &mut Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    let (ash, bsh) = (a.shape(), b.shape());
-    ensure!(
-        ash.len() >= 2 && bsh.len() >= 2,
-        "matmul: operands must be at least 2-D, got {ash:?} and {bsh:?}"
-    );
-    let (ar, ac) = (ash[ash.len() - 2], ash[ash.len() - 1]);
-    let (br, bc) = (bsh[bsh.len() - 2], bsh[bsh.len() - 1]);
-    let (m, k) = if t.a { (ac, ar) } else { (ar, ac) };
-    let (kb, n) = if t.b { (bc, br) } else { (br, bc) };
-    ensure!(
-        k == kb,
-        "matmul: inner dimensions differ: {ash:?}{} · {bsh:?}{}",
-        tr(t.a),
-        tr(t.b)
-    );
-    let batch: usize = ash[..ash.len() - 2].iter().product();
-    let b_batch: usize = bsh[..bsh.len() - 2].iter().product();
-    ensure!(
-        b_batch == 1 || b_batch == batch,
-        "matmul: batch dimensions differ: {ash:?} vs {bsh:?} (b may also be a single matrix)"
-    );
-    let mut want = ash[..ash.len() - 2].to_vec();
-    want.extend([m, n]);
-    ensure!(
-        out.shape() == want,
-        "matmul: output has shape {:?}, expected {want:?}",
-        out.shape()
-    );
-    ensure!(
-        a.dtype() == b.dtype() && a.dtype() == out.dtype(),
-        "matmul: dtypes differ"
-    );
+    let MatmulDims {
+        batch,
+        b_batch,
+        m,
+        n,
+        k,
+        ..
+    } = MatmulDims::of(a, b, t, out)?;
     // Read before `out` is written: a clone sharing its buffer keeps its values.
     let a_ptr = input(gpu, "matmul", "a", a)?.ptr();
     let b_ptr = input(gpu, "matmul", "b", b)?.ptr();
