@@ -124,4 +124,16 @@ __device__ __forceinline__ T block_max(T v) {
   return total;
 }
 
+// The L2 norm of one row, the whole block working on it, with torch.nn.functional.normalize's guard
+// (at least 1e-12, so a zero row stays zero when divided by it); every thread gets the result.
+template <typename T>
+__device__ __forceinline__ float block_row_norm(const T* row, size_t cols) {
+  float squares = 0.0f;
+  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = to_f32(row[c]);
+    squares += v * v;
+  }
+  return fmaxf(sqrtf(block_sum(squares)), 1e-12f);
+}
+
 }  // namespace kdx

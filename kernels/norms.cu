@@ -168,13 +168,7 @@ __device__ __forceinline__ void l2_normalize(const T* __restrict__ x, T* __restr
   const size_t row = blockIdx.x;
   const T* xr = x + row * cols;
   T* yr = y + row * cols;
-  float squares = 0.0f;
-  for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float v = to_f32(xr[c]);
-    squares += v * v;
-  }
-  // Same guard as torch.nn.functional.normalize: a zero row stays zero.
-  const float norm = fmaxf(sqrtf(block_sum(squares)), 1e-12f);
+  const float norm = block_row_norm(xr, cols);
   for (size_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = from_f32<T>(to_f32(xr[c]) / norm);
 }
 

@@ -941,10 +941,24 @@ fn decoder_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     }
 }
 
+/// Rows of probabilities with some exact zeros (a teacher that rules classes out).
+fn random_probs(rng: &mut Rng, rows: usize, classes: usize) -> Tensor {
+    let mut p: Vec<f32> = (0..rows * classes)
+        .map(|i| if i % 9 == 4 { 0.0 } else { rng.normal().exp() })
+        .collect();
+    for row in p.chunks_mut(classes) {
+        let total: f32 = row.iter().sum();
+        row.iter_mut().for_each(|v| *v /= total);
+    }
+    Tensor::from_vec(p, &[rows, classes]).expect("length matches the shape")
+}
+
 /// The distillation losses: softmax-KL in both directions with per-row temperatures, teacher logits
-/// or probabilities, the cross-entropy mixed in and ignored rows; RetriKT's listwise loss.
+/// or probabilities, the cross-entropy mixed in and ignored rows, short rows (a thread each), rows of
+/// a few thousand (a warp each) and vocabulary-sized rows (a block each), in place too; RetriKT's
+/// listwise loss.
 fn distillation_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
-    for (rows, classes) in [(3 * 47, 31), (5, 4099)] {
+    for (rows, classes) in [(3 * 47, 31), (5, 4099), (257, 3)] {
         let taus: Vec<f32> = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.6).collect();
         let labels: Vec<u32> = (0..rows)
             .map(|r| {
@@ -980,6 +994,40 @@ fn distillation_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
                     };
                     let (loss, grad) = s.backend.softmax_kl(&student, &spec)?;
                     Ok(vec![("loss", loss.mean.into()), ("grad", grad.into())])
+                },
+            ));
+        }
+    }
+    for (rows, classes) in [(3, 49157), (37, 2)] {
+        let taus: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32 * 0.5).collect();
+        let inputs = vec![
+            randn(rng, &[rows, classes]),
+            random_probs(rng, rows, classes),
+        ];
+        for direction in [KlDirection::TeacherStudent, KlDirection::StudentTeacher] {
+            let taus = taus.clone();
+            let op = match direction {
+                KlDirection::TeacherStudent => "softmax_kl(p‖s)",
+                KlDirection::StudentTeacher => "softmax_kl(s‖p)",
+            };
+            cases.push(Case::new(
+                op,
+                format!("{} in place", dims(&[rows, classes])),
+                inputs.clone(),
+                move |s, t| {
+                    let (mut logits, teacher) = (s.put(&t[0])?, s.put(&t[1])?);
+                    let spec = SoftmaxKl {
+                        teacher: Teacher::Probs(&teacher),
+                        terms: KlTerms {
+                            temperature: PerRow::Each(&taus),
+                            kl_weight: PerRow::Same(1.0),
+                            direction,
+                            labels: None,
+                            ce_weight: PerRow::Same(0.0),
+                        },
+                    };
+                    let loss = s.backend.softmax_kl_in_place(&mut logits, &spec)?;
+                    Ok(vec![("loss", loss.mean.into()), ("grad", logits.into())])
                 },
             ));
         }

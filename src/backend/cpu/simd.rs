@@ -236,7 +236,8 @@ impl Real for f64 {
     }
     #[inline(always)]
     fn ln_fast(self) -> f64 {
-        f64::ln(self)
+        // Floored where the f32 version is, so a zero probability means the same at either precision.
+        f64::ln(self.max(f32::MIN_POSITIVE as f64))
     }
     #[inline(always)]
     fn max(self, other: f64) -> f64 {

@@ -47,16 +47,13 @@ fn log_softmax_off_diagonal<T: Real>(row: &mut [T], i: usize, tau: T) {
     row[i] = T::ZERO;
 }
 
-/// `Σ_i KL` between the student's and the teacher's distributions over the other rows of the batch,
-/// `softmax_{j≠i}(cos(x_i, x_j)/τ)`, and the gradient with respect to the student embeddings.
-/// Student and teacher may have different widths.
-pub fn listwise_cos_kl(
+/// Checks a listwise call (every device's); returns the rows and the student's and teacher's widths.
+pub(crate) fn check_listwise(
     student: &Tensor,
     teacher: &Tensor,
     tau_student: f32,
     tau_teacher: f32,
-    direction: KlDirection,
-) -> Result<(f64, Tensor)> {
+) -> Result<(usize, usize, usize)> {
     let (n, ds) = student.rows_cols();
     let (nt, dt) = teacher.rows_cols();
     ensure!(
@@ -75,6 +72,20 @@ pub fn listwise_cos_kl(
         student.dtype() == teacher.dtype(),
         "listwise KL: student and teacher dtypes differ"
     );
+    Ok((n, ds, dt))
+}
+
+/// `Σ_i KL` between the student's and the teacher's distributions over the other rows of the batch,
+/// `softmax_{j≠i}(cos(x_i, x_j)/τ)`, and the gradient with respect to the student embeddings.
+/// Student and teacher may have different widths.
+pub fn listwise_cos_kl(
+    student: &Tensor,
+    teacher: &Tensor,
+    tau_student: f32,
+    tau_teacher: f32,
+    direction: KlDirection,
+) -> Result<(f64, Tensor)> {
+    let (n, ds, dt) = check_listwise(student, teacher, tau_student, tau_teacher)?;
     let mut grad = student.zeros_like();
     let loss = with_real!(student.dtype(), T => {
         let (s_unit, s_norm) = normalized(student.data::<T>()?, ds);

@@ -114,6 +114,20 @@ pub(crate) fn per_row(rows: usize, cols: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// `lanes` consecutive threads (1 or 32: a warp's lanes are never split between blocks) per row,
+/// in blocks of 256 threads.
+pub(crate) fn lanes_per_row(rows: usize, lanes: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            grid_x((rows * lanes).div_ceil(STRIDE_BLOCK as usize))?,
+            1,
+            1,
+        ),
+        block_dim: (STRIDE_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// One thread per column, blocks of 256 columns along x and `chunks` along y.
 pub(crate) fn per_column(cols: usize, chunks: usize) -> Result<LaunchConfig> {
     if chunks > 65_535 {

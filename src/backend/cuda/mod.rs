@@ -19,6 +19,7 @@ pub mod peak;
 mod pooling;
 mod rope;
 pub mod runtime;
+mod similarity;
 pub mod storage;
 
 use std::sync::{Mutex, PoisonError};
@@ -336,23 +337,34 @@ impl Backend for CudaBackend {
         losses::cross_entropy(self.gpu, logits, labels)
     }
 
-    fn softmax_kl(&self, _student: &Tensor, _loss: &SoftmaxKl) -> Result<(RowLosses, Tensor)> {
-        Err(self.not_yet("softmax-KL"))
+    fn softmax_kl(&self, student: &Tensor, loss: &SoftmaxKl) -> Result<(RowLosses, Tensor)> {
+        // Uninitialised: the kernel writes every element (ignored rows as zeros).
+        let storage = CudaStorage::alloc(self.gpu, student.numel(), student.dtype())?;
+        let mut grad = tensor(storage, student.shape())?;
+        let losses = losses::softmax_kl(self.gpu, Some(student), &mut grad, loss)?;
+        Ok((losses, grad))
     }
 
-    fn softmax_kl_in_place(&self, _logits: &mut Tensor, _loss: &SoftmaxKl) -> Result<RowLosses> {
-        Err(self.not_yet("softmax-KL"))
+    fn softmax_kl_in_place(&self, logits: &mut Tensor, loss: &SoftmaxKl) -> Result<RowLosses> {
+        losses::softmax_kl(self.gpu, None, logits, loss)
     }
 
     fn listwise_cos_kl(
         &self,
-        _student: &Tensor,
-        _teacher: &Tensor,
-        _tau_student: f32,
-        _tau_teacher: f32,
-        _direction: KlDirection,
+        student: &Tensor,
+        teacher: &Tensor,
+        tau_student: f32,
+        tau_teacher: f32,
+        direction: KlDirection,
     ) -> Result<(f64, Tensor)> {
-        Err(self.not_yet("listwise cosine KL"))
+        similarity::listwise_cos_kl(
+            self.gpu,
+            student,
+            teacher,
+            tau_student,
+            tau_teacher,
+            direction,
+        )
     }
 
     fn cosine_topk_update(
