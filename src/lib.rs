@@ -24,6 +24,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod tensor;
+pub mod trace;
 
 pub use tensor::{DType, Device, Tensor};
 pub mod model;

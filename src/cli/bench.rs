@@ -1054,6 +1054,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut entries = Vec::new();
     for case in cases.into_iter().filter(wanted) {
+        let _range = crate::trace::range(&case.name);
         let e = measure(case, &sampler, ceilings.as_ref());
         if !args.json {
             println!("{}", table_row(&e, gpu.is_some()));

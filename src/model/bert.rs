@@ -13,6 +13,7 @@ use super::config::BertConfig;
 use super::params::{Init, ParamId, ParamStore};
 use crate::backend::{AttnShape, Backend, Dropout, NormStats};
 use crate::tensor::Tensor;
+use crate::trace;
 
 /// A tokenised batch, right-padded to its longest sequence.
 #[derive(Clone, Debug, PartialEq)]
@@ -228,6 +229,7 @@ impl BertEncoder {
         let mut x = be.dropout(normed, mode.dropout(c.hidden_dropout_prob, EMBEDDING_SITE))?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (l, ids) in self.layers.iter().enumerate() {
+            let _range = trace::range(format_args!("encoder layer {l}"));
             let (y, cache) = self.layer_forward(be, p, ids, l, x, batch, &rows, mode)?;
             layers.push(cache);
             x = y;
@@ -332,6 +334,7 @@ impl BertEncoder {
         // Gradients of padded positions are dropped: nothing real depends on them.
         let mut dx = to_packed(be, d_hidden, rows)?;
         for (l, (ids, lc)) in self.layers.iter().zip(&cache.layers).enumerate().rev() {
+            let _range = trace::range(format_args!("encoder layer {l} backward"));
             dx = self.layer_backward(be, p, ids, l, lc, dx, batch, rows, mode, grads)?;
         }
         let e = &self.embeddings;

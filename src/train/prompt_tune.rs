@@ -70,6 +70,7 @@ pub fn tune(
     let mut order: Vec<usize> = Vec::new();
     let mut losses = Vec::with_capacity(settings.steps);
     for step in 0..settings.steps {
+        let _range = crate::trace::range(format_args!("prompt-tune step {}", step + 1));
         if order.len() < settings.batch_size {
             let mut pass: Vec<usize> = (0..sequences.len()).collect();
             rng.shuffle(&mut pass);

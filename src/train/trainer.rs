@@ -26,6 +26,7 @@ use crate::model::classifier::SequenceClassifier;
 use crate::model::params::{ParamStore, Rng};
 use crate::model::tokenizer::pad_batch;
 use crate::tensor::Tensor;
+use crate::trace;
 
 /// Token ids and segment ids of one example.
 pub type Encoded = (Vec<u32>, Vec<u32>);
@@ -323,6 +324,7 @@ pub fn train(
         let examples =
             &order[u as usize * per_update..((u as usize + 1) * per_update).min(order.len())];
         let t0 = Instant::now();
+        let _step_range = trace::range(format_args!("train step {}", state.step + 1));
         grads.fill_zero();
         let mut loss_sum = 0.0;
         let mut tokens = 0;
@@ -339,7 +341,10 @@ pub fn train(
             let mode = Mode::Train {
                 seed: mix64(config.seed ^ mix64(state.step << 8 | j as u64)),
             };
-            let (logits, cache) = model.forward(be, params, &batch, mode)?;
+            let (logits, cache) = {
+                let _range = trace::range("forward");
+                model.forward(be, params, &batch, mode)?
+            };
             let (loss, mut d_logits) = match targets {
                 Targets::Labels => be.cross_entropy(&logits, &labels)?,
                 Targets::Distill {
@@ -354,7 +359,10 @@ pub fn train(
             // Each micro-batch's loss is a mean over its rows; weight it by its share of the update.
             let share = micro.len() as f32 / examples.len() as f32;
             be.scale(&mut d_logits, share)?;
-            model.backward(be, params, &batch, mode, cache, &d_logits, &mut grads)?;
+            {
+                let _range = trace::range("backward");
+                model.backward(be, params, &batch, mode, cache, &d_logits, &mut grads)?;
+            }
             loss_sum += loss * micro.len() as f64;
         }
         let loss = loss_sum / examples.len() as f64;
@@ -366,9 +374,12 @@ pub fn train(
                 state.step + 1
             );
         }
-        clip_gradients(be, &mut grads, config.max_grad_norm)?;
-        opt.hp.lr = schedule.lr(state.step + 1);
-        opt.update(be, params, &grads)?;
+        {
+            let _range = trace::range("optimizer");
+            clip_gradients(be, &mut grads, config.max_grad_norm)?;
+            opt.hp.lr = schedule.lr(state.step + 1);
+            opt.update(be, params, &grads)?;
+        }
         state.step += 1;
         state.train_seconds = seconds_before + started.elapsed().as_secs_f64();
         let ema = smoothed_loss.map_or(loss, |s| 0.9 * s + 0.1 * loss);

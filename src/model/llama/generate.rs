@@ -10,6 +10,7 @@ use crate::backend::{Backend, CausalShape, Sampling};
 use crate::model::params::ParamStore;
 use crate::model::prompts::DeepPrompts;
 use crate::tensor::Tensor;
+use crate::trace;
 
 /// Keys and values of every layer, `[batch * capacity, kv_width]` each, and how many positions of
 /// each sequence are filled.
@@ -54,6 +55,7 @@ impl Llama {
         prompts: Option<&DeepPrompts>,
         capacity: usize,
     ) -> Result<(Tensor, KvCache)> {
+        let _range = trace::range("prefill");
         self.check_prompts(prompts)?;
         if capacity < batch.seq || capacity > self.config.max_position_embeddings {
             bail!(
@@ -107,6 +109,7 @@ impl Llama {
         tokens: &[u32],
         prompts: Option<&DeepPrompts>,
     ) -> Result<Tensor> {
+        let _range = trace::range("decode step");
         let c = &self.config;
         let batch = cache.lengths.len();
         if tokens.len() != batch {
@@ -140,6 +143,7 @@ impl Llama {
         };
         let mut x = be.embedding(&params[self.embed], tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            let _range = trace::range(format_args!("decoder layer {l}"));
             let (h1, _) = be.rms_norm(&x, &params[layer.attn_norm], c.rms_norm_eps)?;
             let mut q = be.linear(&h1, &params[layer.q], None)?;
             let mut k = be.linear(&h1, &params[layer.k], None)?;

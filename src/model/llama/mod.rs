@@ -22,6 +22,7 @@ pub mod generate;
 use crate::backend::cpu::rope::rope_table;
 use crate::backend::{Backend, CausalShape, NormStats, Transpose};
 use crate::tensor::{DType, Tensor};
+use crate::trace;
 
 /// The fields of a Hugging Face `LlamaForCausalLM` config.json the engine uses.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -330,6 +331,7 @@ impl Llama {
         let mut x = be.embedding(&params[self.embed], &batch.ids)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
+            let _range = trace::range(format_args!("decoder layer {l}"));
             let (h1, stats1) = be.rms_norm(&x, &params[layer.attn_norm], c.rms_norm_eps)?;
             let mut q = be.linear(&h1, &params[layer.q], None)?;
             let mut k = be.linear(&h1, &params[layer.k], None)?;
@@ -433,6 +435,7 @@ impl Llama {
         )?;
         let mut prompt_grads = prompts.map(|p| Vec::with_capacity(p.layers()));
         for (l, (layer, saved)) in self.layers.iter().zip(cache.layers).enumerate().rev() {
+            let _range = trace::range(format_args!("decoder layer {l} backward"));
             // MLP branch: next = x2 + down(swiglu(gate(h2), up(h2))).
             let d_act = self.linear_back(be, params, &mut grads, layer.down, &dx, &saved.act)?;
             let (d_gate, d_up) = be.swiglu_backward(&saved.gate, &saved.up, &d_act)?;
