@@ -92,7 +92,7 @@ pub fn head_kl(
         mean += part.mean * share;
         per_row.extend(part.rows);
         be.scale(&mut logits, share as f32)?;
-        let mut d_chunk = Tensor::zeros(&[end - start, width], hidden.dtype());
+        let mut d_chunk = Tensor::zeros_on(&[end - start, width], hidden.dtype(), hidden.device())?;
         be.matmul(&logits, student.weight, Transpose::NN, &mut d_chunk, false)?;
         be.embedding_backward(&d_chunk, &ids, &mut d_hidden)?;
         if let Some(dw) = d_weight.as_deref_mut() {

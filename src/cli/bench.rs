@@ -709,10 +709,7 @@ fn encoder_setup(
     let mut params = ParamStore::new();
     let model = SequenceClassifier::register(config, 2, Head::Mean, &mut params);
     params.initialise(1)?;
-    let device = target.be.device();
-    for (_, p) in params.iter_mut() {
-        *p = p.to_device(device)?;
-    }
+    let params = params.to_device(target.be.device())?;
     let batch = random_batch(32, 128, config.vocab_size, &mut Rng::new(3));
     Ok((model, params, batch))
 }
@@ -740,9 +737,6 @@ fn smollm2_setup(
     batch: usize,
     seq: usize,
 ) -> Result<(Llama, ParamStore, TokenBatch)> {
-    if target.is_gpu() {
-        return Err(Unavailable("the Llama decoder runs on the CPU only so far".into()).into());
-    }
     let dir = crate::model::fetch::default_weights_dir().join("smollm2-135m");
     if !dir.join("model.safetensors").exists() {
         return Err(Unavailable(format!(
@@ -752,6 +746,8 @@ fn smollm2_setup(
         .into());
     }
     let (model, params) = Llama::load(&dir)?;
+    let device = target.be.device();
+    let (model, params) = (model.on_device(device)?, params.to_device(device)?);
     let mut rng = Rng::new(12);
     let vocab = model.config.vocab_size as u64;
     let sequences: Vec<Vec<u32>> = (0..batch)
@@ -801,7 +797,8 @@ fn smollm2_cases(target: Target) -> Vec<Case> {
         Work::Tokens(512.0),
         move || {
             let (model, params, batch) = smollm2_setup(target, 8, 64)?;
-            let prompts = DeepPrompts::random(&model.config, 8, 0.02, 1, "smollm2-135m")?;
+            let mut prompts = DeepPrompts::random(&model.config, 8, 0.02, 1, "smollm2-135m")?;
+            prompts.store = prompts.store.to_device(be.device())?;
             let targets = next_token_targets(&batch);
             Ok(Box::new(move || {
                 let (hidden, cache) = model.forward(be, &params, &batch, Some(&prompts))?;

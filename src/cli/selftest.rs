@@ -743,9 +743,7 @@ fn bert_training_step() -> Case {
         let mut params = ParamStore::new();
         let model = SequenceClassifier::register(&config, 3, Head::Pooler, &mut params);
         params.initialise(5)?;
-        for (_, p) in params.iter_mut() {
-            *p = s.put(p)?;
-        }
+        let params = params.to_dtype(s.dtype)?.to_device(s.backend.device())?;
         let mut grads = params.zeros_like();
         let mode = Mode::Train { seed: 9 };
         let loss = model.loss_and_grads(s.backend, &params, &batch, &labels, mode, &mut grads)?;

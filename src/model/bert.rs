@@ -439,7 +439,7 @@ fn to_padded(be: &dyn Backend, packed: Tensor, rows: &[u32], padded_rows: usize)
         return Ok(packed);
     }
     let (_, width) = packed.rows_cols();
-    let mut out = Tensor::zeros(&[padded_rows, width], packed.dtype());
+    let mut out = Tensor::zeros_on(&[padded_rows, width], packed.dtype(), packed.device())?;
     be.embedding_backward(&packed, rows, &mut out)?;
     Ok(out)
 }

@@ -7,7 +7,7 @@ use std::ops::{Index, IndexMut};
 use anyhow::Result;
 
 use crate::backend::mix64;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ParamId(usize);
@@ -108,6 +108,19 @@ impl ParamStore {
                 .tensors
                 .iter()
                 .map(|t| t.to_dtype(dtype))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Every tensor moved to `device` (host or GPU memory).
+    pub fn to_device(&self, device: Device) -> Result<ParamStore> {
+        Ok(ParamStore {
+            names: self.names.clone(),
+            inits: self.inits.clone(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| t.to_device(device))
                 .collect::<Result<_>>()?,
         })
     }

@@ -85,7 +85,8 @@ impl Llama {
         };
         for layer in &cache.layers {
             for (saved, store) in [(&layer.k, &mut kv.keys), (&layer.v, &mut kv.values)] {
-                let mut t = Tensor::zeros(&[batch.size() * capacity, width], saved.dtype());
+                let shape = [batch.size() * capacity, width];
+                let mut t = Tensor::zeros_on(&shape, saved.dtype(), saved.device())?;
                 be.embedding_backward(&be.embedding(saved, &real)?, &rows, &mut t)?;
                 store.push(t);
             }

@@ -21,7 +21,7 @@ use super::prompts::DeepPrompts;
 pub mod generate;
 use crate::backend::cpu::rope::rope_table;
 use crate::backend::{Backend, CausalShape, NormStats, Transpose};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 use crate::trace;
 
 /// The fields of a Hugging Face `LlamaForCausalLM` config.json the engine uses.
@@ -295,6 +295,12 @@ impl Llama {
         Ok(self)
     }
 
+    /// The model's own tensors (the RoPE table) on `device`, where its parameters must be too.
+    pub fn on_device(mut self, device: Device) -> Result<Llama> {
+        self.rope = self.rope.to_device(device)?;
+        Ok(self)
+    }
+
     fn head(&self) -> ParamId {
         self.lm_head.unwrap_or(self.embed)
     }
@@ -402,7 +408,7 @@ impl Llama {
         let head = &params[self.head()];
         let logits = be.linear(&picked, head, None)?;
         let (loss, d_logits) = be.cross_entropy(&logits, &labels)?;
-        let mut d_picked = Tensor::zeros(picked.shape(), picked.dtype());
+        let mut d_picked = picked.zeros_like();
         be.matmul(&d_logits, head, Transpose::NN, &mut d_picked, false)?;
         if let Some(dw) = d_head {
             be.matmul(&d_logits, &picked, Transpose::TN, dw, true)?;
@@ -522,7 +528,7 @@ impl Llama {
         x: &Tensor,
     ) -> Result<Tensor> {
         let w = &params[weight];
-        let mut dx = Tensor::zeros(x.shape(), x.dtype());
+        let mut dx = x.zeros_like();
         be.matmul(dy, w, Transpose::NN, &mut dx, false)?;
         if let Some(g) = grads.as_deref_mut() {
             be.matmul(dy, x, Transpose::TN, &mut g[weight], true)?;
