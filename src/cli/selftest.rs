@@ -20,7 +20,9 @@ use crate::backend::{
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
 use crate::model::config::BertConfig;
+use crate::model::llama::{next_token_targets, Llama, LlamaConfig, TokenBatch};
 use crate::model::params::{ParamStore, Rng};
+use crate::model::prompts::DeepPrompts;
 use crate::tensor::{DType, Device, Tensor};
 
 #[derive(clap::Args)]
@@ -708,6 +710,7 @@ fn cases(seed: u64) -> Vec<Case> {
         ])
     }));
     cases.push(bert_training_step());
+    cases.push(llama_prompt_step());
     cases
 }
 
@@ -753,6 +756,76 @@ fn bert_training_step() -> Case {
         }
         Ok(outputs)
     })
+    .model_step()
+}
+
+/// A whole step of a small Llama with deep prompts (2 layers, grouped-query attention, odd widths,
+/// a padded batch, untied head): the LM loss, the prompts' gradients and every weight's gradient.
+fn llama_prompt_step() -> Case {
+    let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": 97, "hidden_size": 60, "intermediate_size": 37, "num_hidden_layers": 2,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 32, "tie_word_embeddings": false
+    }))
+    .expect("a valid config");
+    let batch = TokenBatch::from_sequences(
+        &[
+            vec![5, 17, 3, 88, 41, 2, 9, 60, 11],
+            vec![7, 7, 30, 96],
+            vec![1, 50],
+        ],
+        0,
+    )
+    .expect("a valid batch");
+    Case::new(
+        "llama_prompt_step",
+        "b3×9 h60 6/2 heads",
+        vec![],
+        move |s, _| {
+            let device = s.backend.device();
+            let mut params = ParamStore::new();
+            let model = Llama::register(&config, &mut params)?
+                .with_dtype(s.dtype)?
+                .on_device(device)?;
+            params.initialise(7)?;
+            let params = params.to_dtype(s.dtype)?.to_device(device)?;
+            let mut prompts = DeepPrompts::random(&config, 3, 0.5, 8, "selftest")?;
+            prompts.store = prompts.store.to_dtype(s.dtype)?.to_device(device)?;
+            let (hidden, cache) = model.forward(s.backend, &params, &batch, Some(&prompts))?;
+            let targets = next_token_targets(&batch);
+            let mut grads = params.zeros_like();
+            let head = params
+                .ids()
+                .find(|&i| params.name(i) == "lm_head.weight")
+                .expect("an untied head");
+            let (loss, d_hidden) = model.lm_loss(
+                s.backend,
+                &params,
+                &hidden,
+                &targets,
+                Some(&mut grads[head]),
+            )?;
+            let layer_grads = model
+                .backward(
+                    s.backend,
+                    &params,
+                    cache,
+                    &d_hidden,
+                    Some(&prompts),
+                    Some(&mut grads),
+                )?
+                .expect("prompts were given");
+            let mut prompt_grads = prompts.store.zeros_like();
+            prompts.accumulate(&mut prompt_grads, &layer_grads, s.backend)?;
+            let mut outputs: Outputs = vec![("loss".into(), loss.into())];
+            for (store, grads) in [(&prompts.store, prompt_grads), (&params, grads)] {
+                for id in store.ids() {
+                    outputs.push((format!("d {}", store.name(id)), grads[id].clone().into()));
+                }
+            }
+            Ok(outputs)
+        },
+    )
     .model_step()
 }
 
