@@ -378,6 +378,34 @@ def build_gpu_entries(device: torch.device, compile_steps: bool) -> list[Entry]:
 
         return make
 
+    def softmax_kl(rows: int, classes: int, dtype: torch.dtype):
+        # Hinton's KL at T = 2 as PyTorch code writes it, with autograd, on rotated inputs.
+        def make():
+            def make_set():
+                student = torch.randn(rows, classes, device=device, dtype=dtype, requires_grad=True)
+                return student, torch.randn(rows, classes, device=device, dtype=dtype)
+
+            nxt = rotating(make_set, 2 * rows * classes * dtype.itemsize)
+
+            def step():
+                student, teacher = nxt()
+                loss = F.kl_div(F.log_softmax(student / 2.0, dim=-1), F.softmax(teacher / 2.0, dim=-1), reduction="batchmean") * 4.0
+                loss.backward()
+                student.grad = None
+
+            return step
+
+        return make
+
+    def cos_topk(queries: int, keys: int, dim: int, k: int, dtype: torch.dtype):
+        # Retrieval as PyTorch code writes it: normalise the queries, one product, topk.
+        def make():
+            store = F.normalize(torch.randn(keys, dim, device=device), dim=-1).to(dtype)
+            q = torch.randn(queries, dim, device=device)
+            return lambda: torch.topk(F.normalize(q, dim=-1).to(dtype) @ store.T, k, dim=-1)
+
+        return make
+
     base = bert_config(hidden=768, layers=12, intermediate=3072)
 
     def bert_forward(amp: bool):
@@ -439,6 +467,16 @@ def build_gpu_entries(device: torch.device, compile_steps: bool) -> list[Entry]:
             shape = f"b{BATCH}-h12-t{SEQ}-d{head_dim}/{name}"
             entries.append((f"attention/fwd/{shape}", attention(head_dim, dtype, False), Work(flops=flops)))
             entries.append((f"attention/fwd-bwd/{shape}", attention(head_dim, dtype, True), Work(flops=2.5 * flops)))
+    for rows, classes in ((4096, 32000), (256, 2), (8192, 49152)):
+        for name, dtype in DTYPES.items():
+            if (rows, classes, name) in ((4096, 32000, "f32"), (256, 2, "f32")):
+                continue  # the CPU list's entries, on the GPU too
+            entries.append(
+                (f"softmax-kl/fwd-bwd/{rows}x{classes}/{name}", softmax_kl(rows, classes, dtype), Work(bytes=3 * rows * classes * dtype.itemsize))
+            )
+    entries.append(
+        ("cos-topk/q1024-n1000000-d384-k16/f16", cos_topk(1024, 1_000_000, 384, 16, torch.float16), Work(flops=2 * 1024 * 1_000_000 * 384))
+    )
     fwd_flops = model_forward_flops(base, BATCH, SEQ)
     for amp, suffix in ((False, ""), (True, "/amp-bf16")):
         entries.append((f"bert-base/forward/b{BATCH}x{SEQ}{suffix}", bert_forward(amp), Work(flops=fwd_flops, tokens=TOKENS)))

@@ -564,15 +564,23 @@ fn op_cases(target: Target) -> Vec<Case> {
     ));
 
     // The shapes PyTorch's `kl_div(log_softmax(s/T), softmax(t/T))·T²` is timed at in
-    // tools/torch_bench.py: read both logit arrays, write the gradient.
-    for (r, c) in [(4096, 32000), (256, 2)] {
+    // tools/torch_bench.py: read both logit arrays, write the gradient. On a GPU also SmolLM2's
+    // vocabulary over 8192 rows.
+    let mut kl_shapes = vec![(4096, 32000), (256, 2)];
+    if target.is_gpu() {
+        kl_shapes.push((8192, 49152));
+    }
+    for ((r, c), &dtype) in kl_shapes
+        .into_iter()
+        .flat_map(|s| target.dtypes().iter().map(move |d| (s, d)))
+    {
         cases.push(Case::new(
-            format!("softmax-kl/fwd-bwd/{r}x{c}/f32"),
-            Work::Bytes(3.0 * (r * c) as f64 * F32),
+            format!("softmax-kl/fwd-bwd/{r}x{c}/{dtype}"),
+            Work::Bytes(3.0 * (r * c * dtype.size_in_bytes()) as f64),
             move || {
                 let mut rng = Rng::new(6);
                 let (student, teacher) = (random(&[r, c], &mut rng), random(&[r, c], &mut rng));
-                let mut sets = target.place([student, teacher], DType::F32)?;
+                let mut sets = target.place([student, teacher], dtype)?;
                 Ok(Box::new(move || {
                     let [student, teacher] = sets.next();
                     let spec = SoftmaxKl {
