@@ -16,6 +16,13 @@ __device__ __forceinline__ void add_assign(T* __restrict__ a, const T* __restric
   grid_stride(n, [&](size_t i) { a[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i])); });
 }
 
+// Every row of x [n / cols, cols] plus `row` (a bias after a product that did not add it).
+template <typename T>
+__device__ __forceinline__ void add_rows(T* __restrict__ x, const T* __restrict__ row, size_t n,
+                                         size_t cols) {
+  grid_stride(n, [&](size_t i) { x[i] = from_f32<T>(to_f32(x[i]) + to_f32(row[i % cols])); });
+}
+
 template <typename T>
 __device__ __forceinline__ void scale(T* __restrict__ x, size_t n, float factor) {
   grid_stride(n, [&](size_t i) { x[i] = from_f32<T>(to_f32(x[i]) * factor); });
@@ -100,6 +107,15 @@ extern "C" __global__ void kdx_add_assign_f32(float* a, const float* b, size_t n
 }
 extern "C" __global__ void kdx_add_assign_bf16(kdx::bf16* a, const kdx::bf16* b, size_t n) {
   kdx::elementwise::add_assign(a, b, n);
+}
+
+// x[r, c] += row[c] over the n elements of x [n / cols, cols]. Any launch shape.
+extern "C" __global__ void kdx_add_rows_f32(float* x, const float* row, size_t n, size_t cols) {
+  kdx::elementwise::add_rows(x, row, n, cols);
+}
+extern "C" __global__ void kdx_add_rows_bf16(kdx::bf16* x, const kdx::bf16* row, size_t n,
+                                             size_t cols) {
+  kdx::elementwise::add_rows(x, row, n, cols);
 }
 
 // x *= factor. Any launch shape.

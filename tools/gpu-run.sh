@@ -39,6 +39,10 @@ timeout -k 10 170 "$here/kdx" bench --device cuda --json --runs 30 --budget 2 \
   >"$out/kdx-bench.json" 2>>"$log"
 echo "kdx bench exit status $?" >>"$log"
 
+echo "== kdx bench --device cuda --gemm cublas matmul (the same products on cuBLAS)"
+timeout -k 10 50 "$here/kdx" bench --device cuda --gemm cublas --runs 20 --budget 1 matmul \
+  2>>"$log" | tee "$out/cublas-matmul.txt"
+
 torch_runs=()
 if python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>>"$log"; then
   echo "== torch_bench.py --device cuda"
@@ -46,7 +50,7 @@ if python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>>
     >"$out/torch-bench.json" 2>>"$log"
   echo "torch bench exit status $?" >>"$log"
   echo "== torch_bench.py --device cuda --compile (compiled training steps)"
-  timeout -k 10 130 python3 "$here/torch_bench.py" --device cuda --json --compile \
+  timeout -k 10 100 python3 "$here/torch_bench.py" --device cuda --json --compile \
     --filter compiled >"$out/torch-compiled.json" 2>>"$log"
   echo "torch compiled bench exit status $?" >>"$log"
   torch_runs=("$out/torch-bench.json" "$out/torch-compiled.json")

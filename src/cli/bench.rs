@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
+use super::common::backend_with;
 use crate::backend::cpu::rope::rope_table;
 use crate::backend::cuda::peak::{self, Ceilings};
-use crate::backend::cuda::{CudaBackend, Gpu, NotImplemented};
+use crate::backend::cuda::{CudaBackend, Gemm, Gpu, NotImplemented};
 use crate::backend::head_kl::{head_kl, HeadInput};
 use crate::backend::{
     backend, AdamW, AttnShape, Backend, CausalShape, Dropout, KlDirection, KlTerms, PerRow,
@@ -47,6 +48,10 @@ pub struct Args {
     /// Time budget per entry in seconds (an entry stops sampling when it is spent)
     #[arg(long, default_value_t = 10.0)]
     budget: f64,
+    /// Matrix products on the engine's kernels (kdx) or on cuBLAS (a baseline: whole models then
+    /// run on cuBLAS's GEMM; --device cuda only)
+    #[arg(long, default_value = "kdx")]
+    gemm: Gemm,
     /// Only entries whose name contains this
     filter: Option<String>,
 }
@@ -1021,7 +1026,7 @@ fn describe_ceilings(c: &Ceilings) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let be = backend(args.device)?;
+    let be = backend_with(args.device, args.gemm)?;
     let gpu = match args.device {
         Device::Cuda(ordinal) => Some(CudaBackend::get(ordinal)?.gpu()),
         Device::Cpu => None,

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::cuda::{CudaBackend, Gemm};
+use crate::backend::{backend, Backend};
 use crate::data::{self, Example, LoadOptions, Split, Task};
 use crate::model::classifier::Head;
 use crate::model::export::load_classifier;
@@ -100,6 +101,9 @@ pub struct TrainArgs {
     pub stop_after_steps: Option<u64>,
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Matrix products on the engine's kernels (kdx) or on cuBLAS (a baseline; --device cuda only)
+    #[arg(long, default_value = "kdx")]
+    pub gemm: Gemm,
 }
 
 impl TrainArgs {
@@ -118,6 +122,18 @@ impl TrainArgs {
             stop_after: self.stop_after_steps,
         }
     }
+}
+
+/// The backend of `device`, its matrix products on `gemm`.
+pub fn backend_with(device: Device, gemm: Gemm) -> Result<&'static dyn Backend> {
+    match device {
+        Device::Cuda(ordinal) => CudaBackend::get(ordinal)?.gpu().set_gemm(gemm)?,
+        Device::Cpu if gemm == Gemm::Cublas => {
+            bail!("--gemm cublas needs a GPU: add --device cuda")
+        }
+        Device::Cpu => {}
+    }
+    backend(device)
 }
 
 /// Token ids and labels of a split.

@@ -6,10 +6,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::common::{
-    check_labels, encode, finish, model_dir, paused, score_best, train_data, Report, TaskArgs,
-    TrainArgs,
+    backend_with, check_labels, encode, finish, model_dir, paused, score_best, train_data, Report,
+    TaskArgs, TrainArgs,
 };
-use crate::backend::backend;
 use crate::model::export::{init_classifier, load_classifier, save_classifier};
 use crate::train::trainer::{evaluate, predict, train, Outcome, RunDir, Targets, TrainConfig};
 
@@ -67,7 +66,7 @@ struct Details<'a> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let be = backend(args.train.device)?;
+    let be = backend_with(args.train.device, args.train.gemm)?;
     let task = args.task.load()?;
     let config = args.train.config();
     let teacher_dir = model_dir(&args.teacher)?;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::common::{finish, paused, score_best, train_data, Report, TaskArgs, TrainArgs};
-use crate::backend::backend;
+use super::common::{
+    backend_with, finish, paused, score_best, train_data, Report, TaskArgs, TrainArgs,
+};
 use crate::model::export::{init_classifier, save_classifier};
 use crate::train::trainer::{train, Outcome, RunDir, Targets, TrainConfig};
 
@@ -38,7 +39,7 @@ struct Details<'a> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let be = backend(args.train.device)?;
+    let be = backend_with(args.train.device, args.train.gemm)?;
     let task = args.task.load()?;
     let config = args.train.config();
     let (model, mut params, text) = init_classifier(

@@ -5,9 +5,10 @@
 
 use anyhow::{ensure, Result};
 
+use super::cublas;
 use super::elementwise::column_sums_into;
 use super::launch::{self, kernel, launch, Ptr, GEMM_BF16_SHARED, GEMM_MAX_BATCH};
-use super::runtime::Gpu;
+use super::runtime::{Gemm, Gpu};
 use super::{expect_dtype, input, output, tensor, CudaStorage};
 use crate::backend::{MatmulDims, Transpose};
 use crate::tensor::{DType, Tensor};
@@ -50,6 +51,22 @@ impl Product {
             k <= i32::MAX as usize,
             "a matrix product over k = {k} exceeds the kernels' limit of 2^31 − 1"
         );
+        if gpu.gemm() == Gemm::Cublas {
+            cublas::product(
+                gpu,
+                dtype,
+                t,
+                (m, n, k),
+                batch,
+                b_stride,
+                (a, b, c),
+                accumulate,
+            )?;
+            return match bias {
+                Some(bias) => add_rows(gpu, dtype, c, bias, batch * m, n),
+                None => Ok(()),
+            };
+        }
         let kernel = match (t.a, t.b) {
             (false, false) => kernel!("kdx_gemm_nn", dtype),
             (false, true) => kernel!("kdx_gemm_nt", dtype),
@@ -97,6 +114,15 @@ impl Product {
         }
         Ok(())
     }
+}
+
+/// `c[r, :] += bias` over `rows` rows of `cols`: the bias of a product made on cuBLAS.
+fn add_rows(gpu: &Gpu, dtype: DType, c: Ptr, bias: Ptr, rows: usize, cols: usize) -> Result<()> {
+    let kernel = kernel!("kdx_add_rows", dtype);
+    let n = rows * cols;
+    // SAFETY: kdx_add_rows_<T>(T* x, const T* row, size_t n, size_t cols): c holds n elements of
+    // T, bias cols.
+    unsafe { launch!(gpu, kernel, launch::elementwise(n), [c, bias, n, cols]) }
 }
 
 /// Whether the bf16 kernel may copy an operand in 16-byte chunks: its contiguous dimension holds

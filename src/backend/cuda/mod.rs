@@ -8,6 +8,7 @@
 //! the op.
 
 mod activations;
+mod cublas;
 mod elementwise;
 mod embedding;
 mod gemm;
@@ -27,7 +28,7 @@ use std::sync::{Mutex, PoisonError};
 use anyhow::{anyhow, bail, Result};
 
 pub(crate) use elementwise::convert;
-pub use runtime::Gpu;
+pub use runtime::{Gemm, Gpu};
 pub use storage::CudaStorage;
 
 use super::{

@@ -4,15 +4,12 @@
 //! (CUDA cores, no TF32). cuBLAS is loaded at run time: where the dynamic loader finds no
 //! libcublas there is no FLOP/s ceiling, and the reason says so.
 
-use std::ffi::c_void;
+use anyhow::Result;
 
-use anyhow::{anyhow, Result};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-
-use super::launch::Ptr;
+use super::cublas;
 use super::runtime::Gpu;
 use super::{input, output};
-use crate::backend::mix64;
+use crate::backend::{mix64, Transpose};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Clone, Debug)]
@@ -75,15 +72,8 @@ fn copy_rate(gpu: &Gpu) -> Result<f64> {
 }
 
 fn gemm_rates(gpu: &'static Gpu) -> Result<GemmRates> {
-    // SAFETY: only tries to dlopen libcublas under its usual names.
-    if !unsafe { blas_sys::is_culib_present() } {
-        return Err(anyhow!(
-            "the dynamic loader finds no libcublas (libcublas.so.13 and its libcublasLt): add \
-             their folder to LD_LIBRARY_PATH"
-        ));
-    }
-    let handle = CudaBlas::new(gpu.stream().clone())
-        .map_err(|e| anyhow!("creating a cuBLAS handle: {e:?}"))?;
+    // Fails early, saying why, where there is no cuBLAS.
+    gpu.blas()?;
     let n = GEMM_SIZE;
     // Random values: a product of zeros runs faster than one of real data.
     let values: Vec<f32> = (0..n * n)
@@ -91,56 +81,28 @@ fn gemm_rates(gpu: &'static Gpu) -> Result<GemmRates> {
         .collect();
     let host = Tensor::from_vec(values, &[n, n])?;
     let flops = 2.0 * (n as f64).powi(3);
-    let rate = |dtype: DType, data_type: blas_sys::cudaDataType| -> Result<f64> {
+    let rate = |dtype: DType| -> Result<f64> {
         let a = host.to_device(gpu.device())?.to_dtype(dtype)?;
         let mut c = Tensor::zeros_on(&[n, n], dtype, gpu.device())?;
         let a_ptr = input(gpu, "cuBLAS ceiling", "a", &a)?.ptr();
         let c_ptr = output(gpu, "cuBLAS ceiling", "c", &mut c)?.ptr_mut()?;
-        let seconds = median_seconds(gpu, || square_product(&handle, n, a_ptr, c_ptr, data_type))?;
+        let square = || {
+            cublas::product(
+                gpu,
+                dtype,
+                Transpose::NN,
+                (n, n, n),
+                1,
+                0,
+                (a_ptr, a_ptr, c_ptr),
+                false,
+            )
+        };
+        let seconds = median_seconds(gpu, square)?;
         Ok(flops / seconds / 1e9)
     };
     Ok(GemmRates {
-        bf16_gflops: rate(DType::BF16, blas_sys::cudaDataType::CUDA_R_16BF)?,
-        f32_gflops: rate(DType::F32, blas_sys::cudaDataType::CUDA_R_32F)?,
+        bf16_gflops: rate(DType::BF16)?,
+        f32_gflops: rate(DType::F32)?,
     })
-}
-
-/// `c = a·a` for n × n matrices of `data_type`, accumulated in f32.
-fn square_product(
-    handle: &CudaBlas,
-    n: usize,
-    a: Ptr,
-    c: Ptr,
-    data_type: blas_sys::cudaDataType,
-) -> Result<()> {
-    let (alpha, beta) = (1f32, 0f32);
-    let n = n as i32;
-    let op = blas_sys::cublasOperation_t::CUBLAS_OP_N;
-    // SAFETY: `a` and `c` hold n·n elements of `data_type` on the device of the handle's stream;
-    // alpha and beta are host f32 values, as the default pointer mode and compute type 32F read
-    // them.
-    unsafe {
-        blas::gemm_ex(
-            *handle.handle(),
-            op,
-            op,
-            n,
-            n,
-            n,
-            (&alpha as *const f32).cast::<c_void>(),
-            a.0 as *const c_void,
-            data_type,
-            n,
-            a.0 as *const c_void,
-            data_type,
-            n,
-            (&beta as *const f32).cast::<c_void>(),
-            c.0 as *mut c_void,
-            data_type,
-            n,
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(|e| anyhow!("cuBLAS GEMM: {e:?}"))
 }

@@ -6,9 +6,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use anyhow::{anyhow, bail, Result};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
     DriverError, LaunchConfig,
@@ -22,6 +23,27 @@ use crate::tensor::Device;
 /// The CUDA version the kernels are compiled with (tools/setup-cuda.sh): a driver must support it.
 const KERNELS_CUDA: (i32, i32) = (13, 0);
 
+/// Which implementation runs matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Gemm {
+    /// The engine's own kernels (kernels/gemm.cu).
+    #[default]
+    Kdx,
+    /// NVIDIA's cuBLAS: a baseline to compare the engine's kernels with, end to end.
+    Cublas,
+}
+
+impl std::str::FromStr for Gemm {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Gemm> {
+        match s {
+            "kdx" => Ok(Gemm::Kdx),
+            "cublas" => Ok(Gemm::Cublas),
+            _ => bail!("unknown GEMM '{s}': expected 'kdx' or 'cublas'"),
+        }
+    }
+}
+
 /// Dynamic shared memory a kernel may take without raising its limit first.
 const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
 
@@ -34,6 +56,10 @@ pub struct Gpu {
     summary: String,
     l2_bytes: usize,
     checked: AtomicBool,
+    /// Matrix products on cuBLAS instead of the engine's kernels (`--gemm cublas`, a baseline).
+    cublas_gemm: AtomicBool,
+    /// The cuBLAS handle on this device's stream, made on first use; or why there is none.
+    blas: OnceLock<Result<CudaBlas, String>>,
 }
 
 struct Kernels {
@@ -120,6 +146,8 @@ impl Gpu {
             summary,
             l2_bytes,
             checked: AtomicBool::new(checks_from_env()),
+            cublas_gemm: AtomicBool::new(false),
+            blas: OnceLock::new(),
         })
     }
 
@@ -135,11 +163,6 @@ impl Gpu {
     /// The size of the GPU's L2 cache (0 if the driver does not say).
     pub fn l2_bytes(&self) -> usize {
         self.l2_bytes
-    }
-
-    /// The device's one stream (for libraries such as cuBLAS, whose work must be ordered with ours).
-    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
     }
 
     /// Seconds of device time that the work `f` queues takes: CUDA events recorded on the stream
@@ -177,6 +200,43 @@ impl Gpu {
 
     fn checked(&self) -> bool {
         self.checked.load(Ordering::Relaxed)
+    }
+
+    /// Which GEMM matrix products run on from now on.
+    pub fn set_gemm(&self, gemm: Gemm) -> Result<()> {
+        if gemm == Gemm::Cublas {
+            self.blas()?;
+        }
+        self.cublas_gemm
+            .store(gemm == Gemm::Cublas, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn gemm(&self) -> Gemm {
+        if self.cublas_gemm.load(Ordering::Relaxed) {
+            Gemm::Cublas
+        } else {
+            Gemm::Kdx
+        }
+    }
+
+    /// cuBLAS on this device's stream, loaded at run time on first use; fails (saying how to fix
+    /// it) where the dynamic loader finds no libcublas.
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+        let made = self.blas.get_or_init(|| {
+            // SAFETY: only tries to dlopen libcublas under its usual names.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(
+                    "the dynamic loader finds no libcublas (libcublas.so.13 and its \
+                            libcublasLt): add their folder to LD_LIBRARY_PATH"
+                        .to_string(),
+                );
+            }
+            CudaBlas::new(self.stream.clone())
+                .map_err(|e| format!("creating a cuBLAS handle: {e:?}"))
+        });
+        made.as_ref()
+            .map_err(|why| anyhow!("{}: {why}", self.device()))
     }
 
     /// `bytes` of device memory with unspecified contents (NaN bytes in checked mode), for a kernel
