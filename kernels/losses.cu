@@ -92,7 +92,9 @@ struct Stats {
 
   __device__ __forceinline__ static Stats empty() { return {-INFINITY, 0.f, 0.f, -INFINITY, 0.f}; }
 
+  // A −∞ logit (a masked class) adds nothing, and must not meet a −∞ max in exp(x − max).
   __device__ __forceinline__ void add_student(float x, float inv_tau) {
+    if (x == -INFINITY) return;
     if (x > ms) {
       ss = rescale(ss, ms, x, inv_tau);
       s1 = rescale(s1, ms, x, 1.0f);
@@ -103,6 +105,7 @@ struct Stats {
   }
 
   __device__ __forceinline__ void add_teacher(float y, float inv_tau) {
+    if (y == -INFINITY) return;
     if (y > mt) {
       st = rescale(st, mt, y, inv_tau);
       mt = y;
