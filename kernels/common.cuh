@@ -50,6 +50,18 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// The multiplier of element `index` of the dropout stream `seed`, bit for bit `Dropout::factor`:
+// 0 iff the high 32 bits of mix64(seed ^ index·K) are below p·2^32, which for integer bits is
+// `bits < threshold` with the host's threshold = ⌈p·2^32⌉; otherwise `scale`, 1/(1−p) rounded to
+// f32 (the CPU multiplies by the same f32). threshold = 0 (p = 0) keeps everything at scale 1
+// without hashing.
+__device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t index, uint64_t threshold,
+                                                float scale) {
+  if (threshold == 0) return scale;
+  const uint64_t bits = mix64(seed ^ (index * 0xD6E8FEB86659FD93ull)) >> 32;
+  return bits < threshold ? 0.0f : scale;
+}
+
 // Calls f(i) for every i < n that belongs to this thread: i = global thread index, then strided by
 // the whole grid, so any launch shape covers any n (64-bit indices: tensors may pass 2^31 elements).
 template <typename F>

@@ -44,15 +44,12 @@ __device__ __forceinline__ void sum_squares(const T* __restrict__ x, size_t n,
 }
 
 // Inverted dropout in place, the counter-based mask of `Dropout::factor` (src/backend/mod.rs):
-// element i is dropped iff the high 32 bits of mix64(seed ^ i·K) are below p·2^32. The host passes
-// that bound as the integer ⌈p·2^32⌉ (the same comparison for integer bits) and the kept elements'
-// factor 1/(1−p) rounded to f32, as the CPU multiplies by it.
+// element i's multiplier is dropout_factor(seed, i, ...) (common.cuh).
 template <typename T>
 __device__ __forceinline__ void dropout(T* __restrict__ x, size_t n, uint64_t seed,
                                         uint64_t threshold, float scale) {
   grid_stride(n, [&](size_t i) {
-    const uint64_t bits = mix64(seed ^ ((uint64_t)i * 0xD6E8FEB86659FD93ull)) >> 32;
-    x[i] = from_f32<T>(to_f32(x[i]) * (bits < threshold ? 0.0f : scale));
+    x[i] = from_f32<T>(to_f32(x[i]) * dropout_factor(seed, i, threshold, scale));
   });
 }
 

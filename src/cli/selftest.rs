@@ -14,8 +14,8 @@ use anyhow::{bail, Result};
 
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{
-    backend, AdamW, Backend, CausalShape, Dropout, KlDirection, KlTerms, NotImplemented, PerRow,
-    Pooling, Prefix, SoftmaxKl, Teacher, Transpose, IGNORE_INDEX,
+    backend, AdamW, AttnShape, Backend, CausalShape, Dropout, KlDirection, KlTerms, NotImplemented,
+    PerRow, Pooling, Prefix, SoftmaxKl, Teacher, Transpose, IGNORE_INDEX,
 };
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
@@ -104,7 +104,7 @@ impl Report {
             .map(|c| c.output.chars().count())
             .fold(7, usize::max);
         let mut out = format!(
-            "candidate: {}\nreference: {}\n\n{:<24} {:<26} {:<5} {:<width$} {:>11} {:>11} {:>8}  result\n",
+            "candidate: {}\nreference: {}\n\n{:<28} {:<26} {:<5} {:<width$} {:>11} {:>11} {:>8}  result\n",
             self.candidate, self.reference, "op", "shape", "dtype", "output", "max abs", "max rel", "of tol"
         );
         for c in &self.checks {
@@ -116,7 +116,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{:<24} {:<26} {:<5} {:<width$} {:>11.3e} {:>11.3e} {:>8.3}  {result}",
+                "{:<28} {:<26} {:<5} {:<width$} {:>11.3e} {:>11.3e} {:>8.3}  {result}",
                 c.op,
                 c.shape,
                 c.dtype.name(),
@@ -681,6 +681,7 @@ fn cases(seed: u64) -> Vec<Case> {
 
     matmul_cases(rng, &mut cases);
     linear_cases(rng, &mut cases);
+    attention_cases(rng, &mut cases);
     decoder_cases(rng, &mut cases);
     distillation_cases(rng, &mut cases);
 
@@ -987,8 +988,104 @@ fn linear_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     }
 }
 
+/// The encoder's attention: odd sizes with a full, a partial and a one-token sequence (padded query
+/// rows still attend, as on the CPU), without and with dropout on the probabilities; and head_dim
+/// 128 (the kernels' widest) over several tiles of rows. The backward is a case of its own on
+/// probabilities given as an input (the CPU's, in f32), so that both sides read the same ones: a
+/// bf16 forward's probabilities, fed to the backward, would move dq, dk and dv by much more than
+/// bf16's tolerance on their own, whatever the kernels do.
+fn attention_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    let cpu = backend(Device::Cpu).expect("the CPU backend is always there");
+    let specs: [(AttnShape, usize, &[u32], f32); 3] = [
+        (
+            AttnShape {
+                batch: 3,
+                seq: 47,
+                heads: 3,
+            },
+            31,
+            &[47, 20, 1],
+            0.0,
+        ),
+        (
+            AttnShape {
+                batch: 3,
+                seq: 47,
+                heads: 3,
+            },
+            31,
+            &[47, 20, 1],
+            0.1,
+        ),
+        (
+            AttnShape {
+                batch: 2,
+                seq: 77,
+                heads: 2,
+            },
+            128,
+            &[77, 40],
+            0.1,
+        ),
+    ];
+    for (shape, d, lengths, p) in specs {
+        let lengths = lengths.to_vec();
+        let dropout = Dropout {
+            p,
+            seed: rng.next_u64(),
+        };
+        let (op, backward_op) = if dropout.is_active() {
+            ("attention(dropout)", "attention_backward(dropout)")
+        } else {
+            ("attention", "attention_backward")
+        };
+        let x_shape = [shape.batch * shape.seq, shape.heads * d];
+        let [q, k, v, dout] = [(); 4].map(|_| randn(rng, &x_shape));
+        let (_, probs) = cpu
+            .attention(&q, &k, &v, shape, &lengths, dropout)
+            .expect("a valid attention call");
+        let label = format!(
+            "b{}-s{}-h{}-d{d} {lengths:?}",
+            shape.batch, shape.seq, shape.heads
+        );
+        let forward_lengths = lengths.clone();
+        cases.push(Case::new(
+            op,
+            label.clone(),
+            vec![q.clone(), k.clone(), v.clone()],
+            move |s, t| {
+                let (out, probs) = s.backend.attention(
+                    &s.put(&t[0])?,
+                    &s.put(&t[1])?,
+                    &s.put(&t[2])?,
+                    shape,
+                    &forward_lengths,
+                    dropout,
+                )?;
+                Ok(vec![("out", out.into()), ("probs", probs.into())])
+            },
+        ));
+        cases.push(Case::new(
+            backward_op,
+            label,
+            vec![q, k, v, dout, probs],
+            move |s, t| {
+                let [q, k, v, dout, probs] = [0, 1, 2, 3, 4].map(|i| s.put(&t[i]));
+                let (dq, dk, dv) = s
+                    .backend
+                    .attention_backward(&dout?, &q?, &k?, &v?, &probs?, shape, &lengths, dropout)?;
+                Ok(vec![
+                    ("dq", dq.into()),
+                    ("dk", dk.into()),
+                    ("dv", dv.into()),
+                ])
+            },
+        ));
+    }
+}
+
 /// The Llama decoder's ops at odd sizes: RMSNorm, RoPE, SwiGLU and causal grouped-query attention
-/// with a deep-prompt prefix, forward and backward.
+/// with and without a deep-prompt prefix, forward and backward.
 fn decoder_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     let (rows, width) = (3 * 47, 62);
     let inputs = vec![
@@ -1047,8 +1144,9 @@ fn decoder_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     }));
 
     // Prefill with a prefix (3 sequences of 47, 6 query heads sharing 2 key/value heads of 31),
-    // and one decoding step against a cache at different positions.
-    let (batch, seq, d, prefix) = (3, 47, 31, 5);
+    // one decoding step against a cache at different positions, and, without a prefix and with a
+    // key/value head per query head, chunks of 19 queries at different positions.
+    let (batch, seq, d) = (3, 47, 31);
     let prefill = CausalShape {
         batch,
         q_len: seq,
@@ -1060,40 +1158,97 @@ fn decoder_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
         q_len: 1,
         ..prefill
     };
-    for (shape, q_start) in [(prefill, vec![0u32; batch]), (decode, vec![0, 20, 46])] {
-        let inputs = vec![
-            randn(rng, &[batch * shape.q_len, 6 * d]),
-            randn(rng, &[batch * seq, 2 * d]),
-            randn(rng, &[batch * seq, 2 * d]),
-            randn(rng, &[prefix, 2 * d]),
-            randn(rng, &[prefix, 2 * d]),
-            randn(rng, &[batch * shape.q_len, 6 * d]),
-        ];
-        let label = format!("b{batch}-q{}-kv{seq}-h6/2-d{d}-p{prefix}", shape.q_len);
-        cases.push(Case::new("causal_attention", label, inputs, move |s, t| {
-            let [q, k, v, pk, pv, dout] = [0, 1, 2, 3, 4, 5].map(|i| s.put(&t[i]));
-            let (q, k, v, pk, pv, dout) = (q?, k?, v?, pk?, pv?, dout?);
-            let prefix = Some(Prefix {
-                keys: &pk,
-                values: &pv,
-            });
-            let (out, probs) = s
-                .backend
-                .causal_attention(&q, &k, &v, prefix, shape, &q_start)?;
-            let g = s
-                .backend
-                .causal_attention_backward(&dout, &q, &k, &v, prefix, &probs, shape, &q_start)?;
-            let (dpk, dpv) = g.dprefix.expect("a prefix was given");
-            Ok(vec![
-                ("out", out.into()),
+    let chunked = CausalShape {
+        q_len: 19,
+        heads: 3,
+        kv_heads: 3,
+        ..prefill
+    };
+    for (shape, q_start, prefix) in [
+        (prefill, vec![0u32; batch], Some(5)),
+        (decode, vec![0, 20, 46], Some(5)),
+        (chunked, vec![0, 28, 10], None),
+    ] {
+        causal_attention_cases(rng, cases, shape, d, q_start, prefix);
+    }
+}
+
+/// Causal attention on one shape, with a prefix of `prefix` rows or none: the forward, and the
+/// backward on probabilities given as an input (see [`attention_cases`]). The prefix's keys and
+/// values are the cases' last two inputs.
+fn causal_attention_cases(
+    rng: &mut Rng,
+    cases: &mut Vec<Case>,
+    shape: CausalShape,
+    d: usize,
+    q_start: Vec<u32>,
+    prefix: Option<usize>,
+) {
+    let q_shape = [shape.batch * shape.q_len, shape.heads * d];
+    let kv_width = shape.kv_heads * d;
+    let (q, dout) = (randn(rng, &q_shape), randn(rng, &q_shape));
+    let [k, v] = [(); 2].map(|_| randn(rng, &[shape.batch * shape.kv_len, kv_width]));
+    let prefix_kv: Vec<Tensor> = match prefix {
+        Some(rows) => [(); 2].map(|_| randn(rng, &[rows, kv_width])).into(),
+        None => vec![],
+    };
+    fn with_prefix(t: &[Tensor]) -> Option<Prefix<'_>> {
+        let [keys, values] = t else { return None };
+        Some(Prefix { keys, values })
+    }
+    let (_, probs) = backend(Device::Cpu)
+        .expect("the CPU backend is always there")
+        .causal_attention(&q, &k, &v, with_prefix(&prefix_kv), shape, &q_start)
+        .expect("a valid causal attention call");
+    let label = format!(
+        "b{}-q{}-kv{}-h{}/{}-d{d}{}",
+        shape.batch,
+        shape.q_len,
+        shape.kv_len,
+        shape.heads,
+        shape.kv_heads,
+        prefix.map_or(String::new(), |rows| format!("-p{rows}"))
+    );
+    let forward_q_start = q_start.clone();
+    cases.push(Case::new(
+        "causal_attention",
+        label.clone(),
+        [vec![q.clone(), k.clone(), v.clone()], prefix_kv.clone()].concat(),
+        move |s, t| {
+            let t = t.iter().map(|x| s.put(x)).collect::<Result<Vec<_>>>()?;
+            let (out, probs) = s.backend.causal_attention(
+                &t[0],
+                &t[1],
+                &t[2],
+                with_prefix(&t[3..]),
+                shape,
+                &forward_q_start,
+            )?;
+            Ok(vec![("out", out.into()), ("probs", probs.into())])
+        },
+    ));
+    cases.push(Case::new(
+        "causal_attention_backward",
+        label,
+        [vec![q, k, v, dout, probs], prefix_kv].concat(),
+        move |s, t| {
+            let t = t.iter().map(|x| s.put(x)).collect::<Result<Vec<_>>>()?;
+            let prefix = with_prefix(&t[5..]);
+            let g = s.backend.causal_attention_backward(
+                &t[3], &t[0], &t[1], &t[2], prefix, &t[4], shape, &q_start,
+            )?;
+            let mut outputs = vec![
                 ("dq", g.dq.into()),
                 ("dk", g.dk.into()),
                 ("dv", g.dv.into()),
-                ("dprefix_k", dpk.into()),
-                ("dprefix_v", dpv.into()),
-            ])
-        }));
-    }
+            ];
+            if let Some((dpk, dpv)) = g.dprefix {
+                outputs.push(("dprefix_k", dpk.into()));
+                outputs.push(("dprefix_v", dpv.into()));
+            }
+            Ok(outputs)
+        },
+    ));
 }
 
 /// Rows of probabilities with some exact zeros (a teacher that rules classes out).

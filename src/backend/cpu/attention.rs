@@ -14,7 +14,15 @@ use super::with_real;
 use crate::backend::{AttnShape, Dropout};
 use crate::tensor::Tensor;
 
-fn check(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, lengths: &[u32]) -> Result<usize> {
+/// Checks a call's tensors against its shape; returns head_dim. Shared with the CUDA backend, so both
+/// reject the same calls with the same messages.
+pub(crate) fn check(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: AttnShape,
+    lengths: &[u32],
+) -> Result<usize> {
     let (rows, width) = q.rows_cols();
     ensure!(
         rows == s.batch * s.seq && width % s.heads == 0,
@@ -39,6 +47,35 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, lengths: &[u32]) -> R
         s.seq
     );
     Ok(width / s.heads)
+}
+
+/// [`check`], and the backward's `dout` and `probs` against it; returns head_dim.
+pub(crate) fn check_backward(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    s: AttnShape,
+    lengths: &[u32],
+) -> Result<usize> {
+    let d = check(q, k, v, s, lengths)?;
+    ensure!(
+        dout.shape() == q.shape(),
+        "attention backward: dout is {:?}, q is {:?}",
+        dout.shape(),
+        q.shape()
+    );
+    ensure!(
+        probs.shape() == [s.batch, s.heads, s.seq, s.seq],
+        "attention backward: probs is {:?}, expected [{}, {}, {}, {}]",
+        probs.shape(),
+        s.batch,
+        s.heads,
+        s.seq,
+        s.seq
+    );
+    Ok(d)
 }
 
 /// Offset of head `h` of sequence `b`'s first row in a `[batch * seq, heads * head_dim]` tensor.
@@ -145,22 +182,7 @@ pub fn backward(
     lengths: &[u32],
     dropout: Dropout,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let d = check(q, k, v, s, lengths)?;
-    ensure!(
-        dout.shape() == q.shape(),
-        "attention backward: dout is {:?}, q is {:?}",
-        dout.shape(),
-        q.shape()
-    );
-    ensure!(
-        probs.shape() == [s.batch, s.heads, s.seq, s.seq],
-        "attention backward: probs is {:?}, expected [{}, {}, {}, {}]",
-        probs.shape(),
-        s.batch,
-        s.heads,
-        s.seq,
-        s.seq
-    );
+    let d = check_backward(dout, q, k, v, probs, s, lengths)?;
     let width = s.heads * d;
     let (mut dq, mut dk, mut dv) = (q.zeros_like(), q.zeros_like(), q.zeros_like());
     with_real!(q.dtype(), T => {

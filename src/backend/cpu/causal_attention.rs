@@ -21,13 +21,13 @@ use crate::tensor::Tensor;
 
 /// Sizes derived from a call, checked against the tensors.
 #[derive(Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     s: CausalShape,
-    head_dim: usize,
+    pub(crate) head_dim: usize,
     /// Prefix length (0 without one).
-    prefix: usize,
+    pub(crate) prefix: usize,
     /// Width of a probability row: prefix + kv_len.
-    row: usize,
+    pub(crate) row: usize,
 }
 
 impl Dims {
@@ -51,7 +51,9 @@ impl Dims {
     }
 }
 
-fn check(
+/// Checks a call's tensors against its shape. Shared with the CUDA backend, so both reject the same
+/// calls with the same messages.
+pub(crate) fn check(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -126,6 +128,34 @@ fn check(
         prefix: prefix_len,
         row: prefix_len + s.kv_len,
     })
+}
+
+/// [`check`], and the backward's `dout` and `probs` against it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_backward(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    prefix: Option<Prefix>,
+    probs: &Tensor,
+    s: CausalShape,
+    q_start: &[u32],
+) -> Result<Dims> {
+    let dims = check(q, k, v, prefix, s, q_start)?;
+    ensure!(
+        dout.shape() == q.shape(),
+        "causal attention backward: dout is {:?}, q is {:?}",
+        dout.shape(),
+        q.shape()
+    );
+    let expected = [s.batch, s.heads, s.q_len, dims.row];
+    ensure!(
+        probs.shape() == expected,
+        "causal attention backward: probs is {:?}, expected {expected:?}",
+        probs.shape(),
+    );
+    Ok(dims)
 }
 
 /// A strided view of the prefix's columns for key/value head `g` (`[prefix, head_dim]`), or of its
@@ -232,20 +262,8 @@ pub fn backward(
     s: CausalShape,
     q_start: &[u32],
 ) -> Result<CausalGrads> {
-    let dims = check(q, k, v, prefix, s, q_start)?;
+    let dims = check_backward(dout, q, k, v, prefix, probs, s, q_start)?;
     let (d, row, np) = (dims.head_dim, dims.row, dims.prefix);
-    ensure!(
-        dout.shape() == q.shape(),
-        "causal attention backward: dout is {:?}, q is {:?}",
-        dout.shape(),
-        q.shape()
-    );
-    ensure!(
-        probs.shape() == [s.batch, s.heads, s.q_len, row],
-        "causal attention backward: probs is {:?}, expected {:?}",
-        probs.shape(),
-        [s.batch, s.heads, s.q_len, row]
-    );
     let (mut dq, mut dk, mut dv) = (q.zeros_like(), k.zeros_like(), v.zeros_like());
     let per_group = s.heads / s.kv_heads;
     // Prefix gradients of each (sequence, key/value head), summed over sequences at the end.

@@ -73,9 +73,27 @@ pub(crate) fn sum_squares(gpu: &Gpu, x: &Tensor) -> Result<f64> {
     Ok(sum[0])
 }
 
-/// The counter-based mask of [`Dropout::factor`], bit for bit: element `i` is dropped iff
-/// `hash(seed, i) < p·2^32`, which for the integer hash is `hash < ⌈p·2^32⌉`; kept elements are
-/// multiplied by `1/(1−p)` rounded to f32, as the CPU does.
+/// A [`Dropout`] as the kernels take it (`dropout_factor` in kernels/common.cuh), bit for bit
+/// [`Dropout::factor`]: element `i` is dropped iff `hash(seed, i) < p·2^32`, which for the integer
+/// hash is `hash < threshold = ⌈p·2^32⌉`; kept elements are multiplied by `scale = 1/(1−p)` rounded
+/// to f32, as the CPU does. Off (p = 0): threshold 0 and scale 1.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DropoutArgs {
+    pub(crate) seed: u64,
+    pub(crate) threshold: u64,
+    pub(crate) scale: f32,
+}
+
+impl DropoutArgs {
+    pub(crate) fn of(d: Dropout) -> DropoutArgs {
+        DropoutArgs {
+            seed: d.seed,
+            threshold: (d.p as f64 * 4_294_967_296.0).ceil() as u64,
+            scale: (1.0 / (1.0 - d.p as f64)) as f32,
+        }
+    }
+}
+
 pub(crate) fn dropout(gpu: &Gpu, x: Tensor, d: Dropout) -> Result<Tensor> {
     let mut y = x;
     if !d.is_active() {
@@ -83,8 +101,7 @@ pub(crate) fn dropout(gpu: &Gpu, x: Tensor, d: Dropout) -> Result<Tensor> {
     }
     let kernel = kernel!("kdx_dropout", y.dtype());
     let n = y.numel();
-    let threshold = (d.p as f64 * 4_294_967_296.0).ceil() as u64;
-    let scale = (1.0 / (1.0 - d.p as f64)) as f32;
+    let mask = DropoutArgs::of(d);
     let y_ptr = output(gpu, "dropout", "x", &mut y)?.ptr_mut()?;
     // SAFETY: kdx_dropout_<T>(T* x, size_t n, uint64_t seed, uint64_t threshold, float scale).
     unsafe {
@@ -92,7 +109,7 @@ pub(crate) fn dropout(gpu: &Gpu, x: Tensor, d: Dropout) -> Result<Tensor> {
             gpu,
             kernel,
             elementwise(n),
-            [y_ptr, n, d.seed, threshold, scale]
+            [y_ptr, n, mask.seed, mask.threshold, mask.scale]
         )
     }?;
     Ok(y)

@@ -18,6 +18,9 @@ use cudarc::driver::LaunchConfig;
 pub(crate) struct Ptr(pub(crate) u64);
 
 impl Ptr {
+    /// Where a kernel takes an optional buffer that this call does not have (and never reads).
+    pub(crate) const NULL: Ptr = Ptr(0);
+
     /// The address `bytes` further on (a sub-array of a buffer).
     pub(crate) fn offset(self, bytes: usize) -> Ptr {
         Ptr(self.0 + bytes as u64)
@@ -189,5 +192,43 @@ pub(crate) fn gemm(
         ),
         block_dim: (GEMM_THREADS, 1, 1),
         shared_mem_bytes,
+    })
+}
+
+/// The attention kernels' tiling (kernels/attention.cuh): blocks of 128 threads own 16 rows of one
+/// head of one sequence (query rows, or key columns for the key/value gradients) and stream the
+/// other side through shared memory 32 rows at a time, each row `head_dim` floats at an odd stride.
+const ATTENTION_THREADS: u32 = 128;
+const ATTENTION_TILE: usize = 16;
+const ATTENTION_CHUNK: usize = 32;
+/// A lane accumulates up to 4 columns of a row.
+const ATTENTION_MAX_HEAD_DIM: usize = 128;
+
+/// An attention launch over `pairs` (sequence, head) pairs along x and the tiles of their `rows`
+/// along y, with the dynamic shared memory of kernels/attention.cuh's `shared_floats(head_dim)`
+/// (at most 47,680 bytes, for head_dim 128).
+pub(crate) fn attention(
+    op: &str,
+    pairs: usize,
+    rows: usize,
+    head_dim: usize,
+) -> Result<LaunchConfig> {
+    if head_dim > ATTENTION_MAX_HEAD_DIM {
+        bail!(
+            "{op}: head_dim {head_dim} is over the CUDA attention kernels' limit of \
+             {ATTENTION_MAX_HEAD_DIM}"
+        );
+    }
+    let tiles = rows.div_ceil(ATTENTION_TILE);
+    if tiles > 65_535 {
+        bail!("{op}: {rows} rows exceed the grid's y limit (65535 tiles of {ATTENTION_TILE} rows)");
+    }
+    let (tile, chunk) = (ATTENTION_TILE, ATTENTION_CHUNK);
+    let floats =
+        (tile + 2 * chunk) * (head_dim | 1) + chunk * (tile + 1) + 2 * tile * chunk + chunk;
+    Ok(LaunchConfig {
+        grid_dim: (grid_x(pairs)?, tiles as u32, 1),
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: (floats * std::mem::size_of::<f32>()) as u32,
     })
 }

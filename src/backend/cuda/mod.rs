@@ -8,6 +8,8 @@
 //! the op.
 
 mod activations;
+mod attention;
+mod causal_attention;
 mod cublas;
 mod elementwise;
 mod embedding;
@@ -32,8 +34,8 @@ pub use runtime::{Gemm, Gpu};
 pub use storage::CudaStorage;
 
 use super::{
-    AdamW, AttnShape, Backend, Dropout, KlDirection, NormStats, Pooling, RowLosses, Sampling,
-    SoftmaxKl, TopK, Transpose,
+    AdamW, AttnShape, Backend, CausalGrads, CausalShape, Dropout, KlDirection, NormStats, Pooling,
+    Prefix, RowLosses, Sampling, SoftmaxKl, TopK, Transpose,
 };
 use crate::tensor::{DType, Device, Storage, Tensor};
 
@@ -278,6 +280,34 @@ impl Backend for CudaBackend {
         activations::swiglu_backward(self.gpu, gate, up, dy)
     }
 
+    fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prefix: Option<Prefix>,
+        shape: CausalShape,
+        q_start: &[u32],
+    ) -> Result<(Tensor, Tensor)> {
+        causal_attention::causal_attention(self.gpu, q, k, v, prefix, shape, q_start)
+    }
+
+    fn causal_attention_backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prefix: Option<Prefix>,
+        probs: &Tensor,
+        shape: CausalShape,
+        q_start: &[u32],
+    ) -> Result<CausalGrads> {
+        causal_attention::causal_attention_backward(
+            self.gpu, dout, q, k, v, prefix, probs, shape, q_start,
+        )
+    }
+
     fn gelu(&self, x: &Tensor) -> Result<Tensor> {
         activations::gelu(self.gpu, x)
     }
@@ -296,28 +326,28 @@ impl Backend for CudaBackend {
 
     fn attention(
         &self,
-        _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
-        _shape: AttnShape,
-        _lengths: &[u32],
-        _dropout: Dropout,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: AttnShape,
+        lengths: &[u32],
+        dropout: Dropout,
     ) -> Result<(Tensor, Tensor)> {
-        Err(self.not_yet("attention"))
+        attention::attention(self.gpu, q, k, v, shape, lengths, dropout)
     }
 
     fn attention_backward(
         &self,
-        _dout: &Tensor,
-        _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
-        _probs: &Tensor,
-        _shape: AttnShape,
-        _lengths: &[u32],
-        _dropout: Dropout,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        probs: &Tensor,
+        shape: AttnShape,
+        lengths: &[u32],
+        dropout: Dropout,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        Err(self.not_yet("attention backward"))
+        attention::attention_backward(self.gpu, dout, q, k, v, probs, shape, lengths, dropout)
     }
 
     fn pool(&self, x: &Tensor, seq: usize, lengths: &[u32], pooling: Pooling) -> Result<Tensor> {
