@@ -810,8 +810,8 @@ fn smollm2_cases(target: Target) -> Vec<Case> {
         Work::Tokens(512.0),
         move || {
             let (model, params, batch) = smollm2_setup(target, 8, 64)?;
-            let mut prompts = DeepPrompts::random(&model.config, 8, 0.02, 1, "smollm2-135m")?;
-            prompts.store = prompts.store.to_device(be.device())?;
+            let prompts = DeepPrompts::random(&model.config, 8, 0.02, 1, "smollm2-135m")?
+                .to_device(be.device())?;
             let targets = next_token_targets(&batch);
             Ok(Box::new(move || {
                 let (hidden, cache) = model.forward(be, &params, &batch, Some(&prompts))?;

@@ -76,11 +76,17 @@ pub fn run(args: Args) -> Result<()> {
     }
     let be = backend(args.device)?;
     let (model, params) = Llama::load(&args.model)?;
+    let (model, params) = (
+        model.on_device(args.device)?,
+        params.to_device(args.device)?,
+    );
     let tokenizer = load_tokenizer(&args.model)?;
     let prompts = args
         .prompts
         .as_deref()
-        .map(|p| DeepPrompts::load(p, &model.config, &model_name(&args.model)))
+        .map(|p| {
+            DeepPrompts::load(p, &model.config, &model_name(&args.model))?.to_device(args.device)
+        })
         .transpose()?;
     let sequences = args
         .texts

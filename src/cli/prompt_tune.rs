@@ -53,6 +53,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let be = backend(args.device)?;
     let (model, params) = Llama::load(&args.model)?;
+    let (model, params) = (
+        model.on_device(args.device)?,
+        params.to_device(args.device)?,
+    );
     let tokenizer = load_tokenizer(&args.model)?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("cannot read {}", args.text.display()))?;
@@ -79,7 +83,8 @@ pub fn run(args: Args) -> Result<()> {
         0.02,
         args.seed,
         &model_name(&args.model),
-    )?;
+    )?
+    .to_device(args.device)?;
     let before = mean_loss(be, &model, &params, &prompts, &sequences, args.batch_size)?;
     eprintln!(
         "{} lines; mean loss with the initial prompts: {before:.4}",

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use super::llama::LlamaConfig;
 use super::params::{Init, ParamId, ParamStore, Rng};
 use crate::backend::{Backend, Prefix};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{to_safetensors, write_atomic};
 
 #[derive(Clone, Debug)]
@@ -102,6 +102,12 @@ impl DeepPrompts {
             }
         }
         Ok(prompts)
+    }
+
+    /// The prompts on `device` (host or GPU memory), where the model runs.
+    pub fn to_device(mut self, device: Device) -> Result<DeepPrompts> {
+        self.store = self.store.to_device(device)?;
+        Ok(self)
     }
 
     pub fn layers(&self) -> usize {
