@@ -12,12 +12,15 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stddef.h>
 #include <stdint.h>
 
 namespace kdx {
 
 typedef __nv_bfloat16 bf16;
+// Read only (key stores); no kernel writes f16.
+typedef __half f16;
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
 constexpr int WARP_SIZE = 32;
@@ -30,6 +33,7 @@ __host__ __device__ __forceinline__ constexpr size_t ceil_div(size_t a, size_t b
 // crate's `bf16::from_f32` does), so every kernel computes in f32 whatever it reads and writes.
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(f16 x) { return __half2float(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_f32(float x);

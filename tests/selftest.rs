@@ -29,6 +29,9 @@ fn cpu_selftest_passes_every_case() {
         "pool(mean)",
         "pool_backward(cls)",
         "adamw",
+        "cosine_topk",
+        "cosine_topk(2 calls)",
+        "sample",
     ] {
         assert!(report.checks.iter().any(|c| c.op == op), "no check of {op}");
     }

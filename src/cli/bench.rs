@@ -7,13 +7,15 @@
 //! CUDA events on the device's stream. Entries rotate between copies of their inputs, together
 //! several times the L2 cache, so that no call finds its inputs left in the cache by the one before.
 //! The bench first measures the device's ceilings (copy bandwidth, cuBLAS matrix rate: see
-//! `backend::cuda::peak`) and reports each rate as a share of them. bf16 variants, BERT-base shapes
-//! and a BERT-base training step run on a GPU only (on the CPU a BERT-base step takes minutes).
+//! `backend::cuda::peak`) and reports each rate as a share of them. bf16 variants, BERT-base shapes,
+//! retrieval over a million f16 keys and a BERT-base training step run on a GPU only (on the CPU a
+//! BERT-base step takes minutes).
 //! Entries whose op has no CUDA kernel yet are listed as skipped, with the reason.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::common::backend_with;
@@ -22,7 +24,7 @@ use crate::backend::cuda::peak::{self, Ceilings};
 use crate::backend::cuda::{CudaBackend, Gemm, Gpu, NotImplemented};
 use crate::backend::head_kl::{head_kl, HeadInput};
 use crate::backend::{
-    backend, AdamW, AttnShape, Backend, CausalShape, Dropout, KlDirection, KlTerms, PerRow,
+    backend, mix64, AdamW, AttnShape, Backend, CausalShape, Dropout, KlDirection, KlTerms, PerRow,
     Pooling, Prefix, Sampling, SoftmaxKl, Teacher, Transpose,
 };
 use crate::model::bert::{Batch, Mode};
@@ -31,7 +33,7 @@ use crate::model::config::BertConfig;
 use crate::model::llama::{next_token_targets, Llama, TokenBatch};
 use crate::model::params::{ParamStore, Rng};
 use crate::model::prompts::DeepPrompts;
-use crate::tensor::{DType, Device, Tensor};
+use crate::tensor::{DType, Device, Storage, Tensor};
 use crate::train::AdamWState;
 
 #[derive(clap::Args)]
@@ -153,6 +155,21 @@ fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
     let n = shape.iter().product();
     let data: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
     Tensor::from_vec(data, shape).expect("shape matches data")
+}
+
+/// `rows` random unit vectors of `d` elements in f16 (a key store), built in parallel, each row from
+/// its own seeded stream.
+fn unit_rows_f16(rows: usize, d: usize, seed: u64) -> Result<Tensor> {
+    let mut data = vec![half::f16::ZERO; rows * d];
+    data.par_chunks_mut(d).enumerate().for_each(|(r, row)| {
+        let mut rng = Rng::new(mix64(seed ^ mix64(r as u64)));
+        let v: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+        let inv = 1.0 / v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        for (out, x) in row.iter_mut().zip(v) {
+            *out = half::f16::from_f32(x * inv);
+        }
+    });
+    Tensor::new(Storage::F16(data), &[rows, d])
 }
 
 /// At most this many copies of an entry's inputs.
@@ -660,6 +677,23 @@ fn op_cases(target: Target) -> Vec<Case> {
             }))
         },
     ));
+
+    if target.is_gpu() {
+        // A million f16 keys (768 MB), uploaded once: a single copy is far larger than the L2.
+        let (q, n, d) = (1024, 1_000_000, 384);
+        cases.push(Case::new(
+            format!("cos-topk/q{q}-n{n}-d{d}-k16/f16"),
+            Work::Flops(2.0 * (q * n * d) as f64),
+            move || {
+                let keys = unit_rows_f16(n, d, 12)?.to_device(be.device())?;
+                let mut sets = target.place([random(&[q, d], &mut Rng::new(13))], DType::F32)?;
+                Ok(Box::new(move || {
+                    let [queries] = sets.next();
+                    be.cosine_topk(&keys, queries, 16).map(drop)
+                }))
+            },
+        ));
+    }
 
     cases.push(Case::new(
         "sampling/nucleus/b16x49152/f32",

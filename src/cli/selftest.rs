@@ -5,6 +5,10 @@
 //! element's, which may cancel to near zero). `--device cuda` checks the GPU (f32 and bf16) against the CPU in f32;
 //! `--device cpu` checks the CPU in f32 against itself in f64.
 //!
+//! Integer outputs (sampled tokens) must equal the reference's; top-k lists must have the same
+//! scores within the tolerance and the same keys wherever the reference's scores are far enough
+//! apart that rounding cannot reorder them ([`compare_ranked`]).
+//!
 //! A new op adds one [`Case`] (or one per shape) to [`cases`]: its inputs, and a closure running it
 //! on a [`Side`] and returning its named outputs.
 
@@ -15,7 +19,7 @@ use anyhow::{bail, Result};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{
     backend, AdamW, AttnShape, Backend, CausalShape, Dropout, KlDirection, KlTerms, NotImplemented,
-    PerRow, Pooling, Prefix, SoftmaxKl, Teacher, Transpose, IGNORE_INDEX,
+    PerRow, Pooling, Prefix, Sampling, SoftmaxKl, Teacher, TopK, Transpose, IGNORE_INDEX,
 };
 use crate::model::bert::{Batch, Mode};
 use crate::model::classifier::{Head, SequenceClassifier};
@@ -153,6 +157,13 @@ impl Tolerance {
             },
         }
     }
+
+    /// The allowed `|got − ref|` for each reference value `w` of the output `want`.
+    fn allowance(self, want: &[f64]) -> impl Fn(f64) -> f64 {
+        let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
+        let atol = self.atol * rms.max(1.0);
+        move |w| atol + self.rtol * w.abs()
+    }
 }
 
 /// The tolerance of a whole model's step, run in f32 only: rounding differences compound through
@@ -185,10 +196,25 @@ impl Side {
     }
 }
 
-/// What a case returns: tensors (on any device) or scalars, by name.
+/// What a case returns, by name: tensors (on any device), scalars, integers or top-k lists.
+#[derive(Clone)]
 enum Value {
     Tensor(Tensor),
     Scalar(f64),
+    /// Compared exactly (sampled tokens).
+    Ids(Vec<u32>),
+    Ranked(Ranked),
+}
+
+/// Top-k lists of `k` keys per query (fewer than asked if there are fewer keys), best first, as
+/// `Backend::cosine_topk` returns them, and the score of each query's first key left out (the
+/// (k+1)-th best; `None` when every key is listed), against which the last rank is checked.
+#[derive(Clone, Debug)]
+pub struct Ranked {
+    pub k: usize,
+    pub indices: Vec<u32>,
+    pub scores: Vec<f32>,
+    pub next: Option<Vec<f32>>,
 }
 
 impl From<Tensor> for Value {
@@ -203,12 +229,52 @@ impl From<f64> for Value {
     }
 }
 
+impl From<Vec<u32>> for Value {
+    fn from(ids: Vec<u32>) -> Value {
+        Value::Ids(ids)
+    }
+}
+
 impl Value {
-    fn to_host(&self) -> Result<Vec<f64>> {
+    /// The value with tensors copied to the host.
+    fn to_host(&self) -> Result<Value> {
+        Ok(match self {
+            Value::Tensor(t) => Value::Tensor(t.to_device(Device::Cpu)?),
+            other => other.clone(),
+        })
+    }
+
+    /// The elements of a tensor or a scalar.
+    fn numbers(&self) -> Option<Vec<f64>> {
         match self {
-            Value::Tensor(t) => Ok(t.to_device(Device::Cpu)?.to_vec_f64()),
-            Value::Scalar(v) => Ok(vec![*v]),
+            Value::Tensor(t) => Some(t.to_vec_f64()),
+            Value::Scalar(v) => Some(vec![*v]),
+            Value::Ids(_) | Value::Ranked(_) => None,
         }
+    }
+}
+
+/// Compares a candidate's output with the reference's (both from [`Value::to_host`]): the numbers
+/// of the check, or why it fails without them.
+fn compare_outputs(want: &Value, got: &Value, tol: Tolerance) -> Result<(f64, f64, f64), String> {
+    match (want, got) {
+        (Value::Ids(w), Value::Ids(g)) => {
+            if w.len() != g.len() {
+                return Err(format!("{} ids, expected {}", g.len(), w.len()));
+            }
+            match w.iter().zip(g).position(|(a, b)| a != b) {
+                Some(i) => Err(format!("id {i} is {}, expected {}", g[i], w[i])),
+                None => Ok((0.0, 0.0, 0.0)),
+            }
+        }
+        (Value::Ranked(w), Value::Ranked(g)) => compare_ranked(w, g, tol),
+        _ => match (want.numbers(), got.numbers()) {
+            (Some(w), Some(g)) if w.len() != g.len() => {
+                Err(format!("{} elements, expected {}", g.len(), w.len()))
+            }
+            (Some(w), Some(g)) => Ok(compare(&w, &g, tol)),
+            _ => Err("a different kind of output than the reference's".into()),
+        },
     }
 }
 
@@ -328,7 +394,7 @@ fn check_case(case: &Case, reference: &Side, candidate: &Side) -> Vec<Check> {
         error,
         missing: None,
     };
-    let run = |side: &Side| -> Result<Vec<(String, Vec<f64>)>> {
+    let run = |side: &Side| -> Result<Vec<(String, Value)>> {
         let inputs = case
             .inputs
             .iter()
@@ -361,19 +427,15 @@ fn check_case(case: &Case, reference: &Side, candidate: &Side) -> Vec<Check> {
         .iter()
         .map(|(name, want)| match got.iter().find(|(n, _)| n == name) {
             None => check(name, Some("no such output".into())),
-            Some((_, have)) if have.len() != want.len() => check(
-                name,
-                Some(format!("{} elements, expected {}", have.len(), want.len())),
-            ),
-            Some((_, have)) => {
-                let (max_abs, max_rel, tolerance_used) = compare(want, have, tolerance);
-                Check {
+            Some((_, have)) => match compare_outputs(want, have, tolerance) {
+                Ok((max_abs, max_rel, tolerance_used)) => Check {
                     max_abs,
                     max_rel,
                     tolerance_used,
                     ..check(name, None)
-                }
-            }
+                },
+                Err(why) => check(name, Some(why)),
+            },
         })
         .collect()
 }
@@ -381,15 +443,14 @@ fn check_case(case: &Case, reference: &Side, candidate: &Side) -> Vec<Check> {
 /// `(max |got − ref|, max relative error where |ref| > atol, max share of the tolerance used)`;
 /// a NaN where the reference has a value uses an infinite share.
 pub fn compare(want: &[f64], got: &[f64], tol: Tolerance) -> (f64, f64, f64) {
-    let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
-    let atol = tol.atol * rms.max(1.0);
+    let allowed = tol.allowance(want);
     let (mut max_abs, mut max_rel, mut used) = (0f64, 0f64, 0f64);
     for (&w, &g) in want.iter().zip(got) {
         let diff = (g - w).abs();
         let share = if diff.is_nan() {
             f64::INFINITY
         } else {
-            diff / (atol + tol.rtol * w.abs())
+            diff / allowed(w)
         };
         used = used.max(share);
         max_abs = max_abs.max(if diff.is_nan() { f64::INFINITY } else { diff });
@@ -398,6 +459,55 @@ pub fn compare(want: &[f64], got: &[f64], tol: Tolerance) -> (f64, f64, f64) {
         }
     }
     (max_abs, max_rel, used)
+}
+
+/// Top-k lists: [`compare`]'s numbers for the scores, which must be within the tolerance. A key
+/// must equal the reference's wherever the reference's score at that rank is apart from both
+/// neighbours' (the last rank's next being the first score left out) by more than the two
+/// tolerances together: then no rounding within the tolerance can reorder them. Keys whose scores
+/// are that close to a neighbour's may come in either order.
+pub fn compare_ranked(
+    want: &Ranked,
+    got: &Ranked,
+    tol: Tolerance,
+) -> Result<(f64, f64, f64), String> {
+    if got.k != want.k || got.indices.len() != want.indices.len() {
+        return Err(format!(
+            "{} keys in lists of {}, expected {} in lists of {}",
+            got.indices.len(),
+            got.k,
+            want.indices.len(),
+            want.k
+        ));
+    }
+    let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let (w, g) = (widen(&want.scores), widen(&got.scores));
+    let numbers = compare(&w, &g, tol);
+    let allowed = tol.allowance(&w);
+    let apart = |a: f64, b: f64| (a - b).abs() > allowed(a) + allowed(b);
+    let k = want.k.max(1);
+    for (row, (scores, (keys, got_keys))) in w
+        .chunks(k)
+        .zip(want.indices.chunks(k).zip(got.indices.chunks(k)))
+        .enumerate()
+    {
+        let next = want.next.as_ref().map(|n| n[row] as f64);
+        for j in 0..scores.len() {
+            let above = j == 0 || apart(scores[j - 1], scores[j]);
+            let below = match scores.get(j + 1).copied().or(next) {
+                Some(s) => apart(scores[j], s),
+                None => true,
+            };
+            if above && below && keys[j] != got_keys[j] {
+                return Err(format!(
+                    "query {row}, rank {j}: key {}, expected {} (score {:.6}, apart from its \
+                     neighbours)",
+                    got_keys[j], keys[j], scores[j]
+                ));
+            }
+        }
+    }
+    Ok(numbers)
 }
 
 /// Normal random values: never zeros or constants.
@@ -710,6 +820,8 @@ fn cases(seed: u64) -> Vec<Case> {
             ("v", v.into()),
         ])
     }));
+    retrieval_cases(rng, &mut cases);
+    sampling_cases(rng, &mut cases);
     cases.push(bert_training_step());
     cases.push(llama_prompt_step());
     cases
@@ -1361,9 +1473,127 @@ fn distillation_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     ));
 }
 
+/// Cosine top-k: k of 1, a few and above the GPU's device-side limit (1024); keys passed in two
+/// calls with offsets; and enough queries × keys that the GPU goes through two chunks in one call.
+/// Keys are unit rows, as a store holds them.
+fn retrieval_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    let cpu = backend(Device::Cpu).expect("the CPU backend exists");
+    let unit = |rng: &mut Rng, rows: usize, d: usize| {
+        cpu.l2_normalize(&randn(rng, &[rows, d]))
+            .expect("f32 rows normalise")
+    };
+    let (q, n, d) = (7, 5003, 47);
+    let (queries, keys) = (randn(rng, &[q, d]), unit(rng, n, d));
+    for k in [1, 16, 1030] {
+        cases.push(Case::new(
+            "cosine_topk",
+            format!("q{q}-n{n}-d{d} k{k}"),
+            vec![queries.clone(), keys.clone()],
+            move |s, t| Ok(vec![("top-k", top_k_lists(s, &t[0], &t[1..], k)?)]),
+        ));
+    }
+    let split = 2500;
+    let halves = [0..split, split..n].map(|rows| {
+        let values = keys.to_vec_f32()[rows.start * d..rows.end * d].to_vec();
+        Tensor::from_vec(values, &[rows.len(), d]).expect("length matches the shape")
+    });
+    cases.push(Case::new(
+        "cosine_topk(2 calls)",
+        format!("q{q}-n{split}+{}-d{d} k16", n - split),
+        [vec![queries], halves.to_vec()].concat(),
+        |s, t| Ok(vec![("top-k", top_k_lists(s, &t[0], &t[1..], 16)?)]),
+    ));
+    // 1100 queries: the GPU scores about 60K keys at a time.
+    let (q, n, d) = (1100, 65_536, 16);
+    cases.push(Case::new(
+        "cosine_topk",
+        format!("q{q}-n{n}-d{d} k16"),
+        vec![randn(rng, &[q, d]), unit(rng, n, d)],
+        |s, t| Ok(vec![("top-k", top_k_lists(s, &t[0], &t[1..], 16)?)]),
+    ));
+}
+
+/// The top-k lists of `queries` against the keys of `chunks`, one update per chunk (the first key
+/// of each following the last of the one before), with the first score left out of each list.
+fn top_k_lists(s: &Side, queries: &Tensor, chunks: &[Tensor], k: usize) -> Result<Value> {
+    let queries = s.put(queries)?;
+    let chunks = chunks
+        .iter()
+        .map(|c| s.put(c))
+        .collect::<Result<Vec<_>>>()?;
+    let lists = |k: usize| -> Result<(Vec<u32>, Vec<f32>)> {
+        let mut best = TopK::new(queries.rows_cols().0, k);
+        let mut offset = 0;
+        for keys in &chunks {
+            s.backend
+                .cosine_topk_update(keys, offset, &queries, &mut best)?;
+            offset += keys.rows_cols().0;
+        }
+        Ok(best.into_sorted())
+    };
+    let (indices, scores) = lists(k)?;
+    let keys: usize = chunks.iter().map(|c| c.rows_cols().0).sum();
+    let listed = k.min(keys);
+    let next = if k < keys {
+        let (_, longer) = lists(k + 1)?;
+        Some(longer.chunks(k + 1).map(|row| row[k]).collect())
+    } else {
+        None
+    };
+    Ok(Value::Ranked(Ranked {
+        k: listed,
+        indices,
+        scores,
+        next,
+    }))
+}
+
+/// Sampling: greedy, and seeded draws through temperature, top-k and top-p, each alone and
+/// together, over a large vocabulary and a small one (smaller than the top-k of 50). Logits are randn·3, whose
+/// probabilities are far enough apart that the CPU's and the GPU's rounding pick the same tokens.
+fn sampling_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    let settings = [
+        ("greedy", 0.0, 0, 1.0),
+        ("t0.8 k50 p0.9", 0.8, 50, 0.9),
+        ("t1.3 p0.95", 1.3, 0, 0.95),
+        ("t0.7 k20", 0.7, 20, 1.0),
+    ];
+    for vocab in [4099, 31] {
+        let rows = 5;
+        let logits = randn(rng, &[rows, vocab]);
+        let logits = Tensor::from_vec(
+            logits.to_vec_f32().iter().map(|v| 3.0 * v).collect(),
+            &[rows, vocab],
+        )
+        .expect("same shape");
+        for (label, temperature, top_k, top_p) in settings {
+            let s = Sampling {
+                temperature,
+                top_k,
+                top_p,
+                seed: rng.next_u64(),
+            };
+            cases.push(Case::new(
+                "sample",
+                format!("{rows}×{vocab} {label}"),
+                vec![logits.clone()],
+                move |side, t| {
+                    let logits = side.put(&t[0])?;
+                    // Eight steps: eight independent draws per row.
+                    let mut tokens = Vec::new();
+                    for step in 0..8 {
+                        tokens.extend(side.backend.sample(&logits, &s, step)?);
+                    }
+                    Ok(vec![("tokens", tokens.into())])
+                },
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{compare, Tolerance};
+    use super::{compare, compare_ranked, Ranked, Tolerance};
 
     #[test]
     fn compare_flags_nan_and_measures_shares() {
@@ -1376,5 +1606,32 @@ mod tests {
         assert!(used < 0.1);
         let (_, _, used) = compare(&[1.0, 2.0], &[1.0, f64::NAN], tol);
         assert!(used.is_infinite());
+    }
+
+    #[test]
+    fn ranked_lists_may_swap_only_near_equal_scores() {
+        let tol = Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        };
+        let list = |indices: Vec<u32>, scores: Vec<f32>, next: f32| Ranked {
+            k: 3,
+            indices,
+            scores,
+            next: Some(vec![next]),
+        };
+        let want = list(vec![4, 7, 9], vec![0.9, 0.5, 0.5 - 1e-6], 0.1);
+        // 7 and 9 score within the tolerance of each other: either order passes.
+        let swapped = list(vec![4, 9, 7], vec![0.9, 0.5, 0.5 - 1e-6], 0.1);
+        assert!(compare_ranked(&want, &swapped, tol).is_ok());
+        // 4 is far ahead of the others: a different key there fails.
+        let wrong = list(vec![5, 7, 9], vec![0.9, 0.5, 0.5 - 1e-6], 0.1);
+        assert!(compare_ranked(&want, &wrong, tol).is_err());
+        // The last rank is checked against the first key left out: close to it, either may come.
+        let want = list(vec![4, 7, 9], vec![0.9, 0.5, 0.3], 0.3 - 1e-6);
+        let other = list(vec![4, 7, 2], vec![0.9, 0.5, 0.3 - 1e-6], 0.3);
+        assert!(compare_ranked(&want, &other, tol).is_ok());
+        let want = list(vec![4, 7, 9], vec![0.9, 0.5, 0.3], 0.1);
+        assert!(compare_ranked(&want, &other, tol).is_err());
     }
 }

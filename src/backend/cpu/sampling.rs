@@ -14,9 +14,9 @@ fn uniform(seed: u64, step: u64, row: u64) -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// One token per row of `logits [rows, vocab]`.
-pub fn sample(logits: &Tensor, s: &Sampling, step: u64) -> Result<Vec<u32>> {
-    let (_, vocab) = logits.rows_cols();
+/// Checks the sampling settings against `logits [rows, vocab]`; returns `(rows, vocab)`.
+pub(crate) fn check(logits: &Tensor, s: &Sampling) -> Result<(usize, usize)> {
+    let (rows, vocab) = logits.rows_cols();
     ensure!(vocab > 0, "sampling: empty vocabulary");
     ensure!(
         s.temperature >= 0.0,
@@ -28,6 +28,12 @@ pub fn sample(logits: &Tensor, s: &Sampling, step: u64) -> Result<Vec<u32>> {
         "sampling: top-p {} is not in (0, 1]",
         s.top_p
     );
+    Ok((rows, vocab))
+}
+
+/// One token per row of `logits [rows, vocab]`.
+pub fn sample(logits: &Tensor, s: &Sampling, step: u64) -> Result<Vec<u32>> {
+    let (_, vocab) = check(logits, s)?;
     let values = logits.to_vec_f32();
     Ok(values
         .par_chunks(vocab)

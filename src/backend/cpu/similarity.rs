@@ -152,15 +152,14 @@ pub fn listwise_cos_kl(
     Ok((loss, grad))
 }
 
-/// Scores `queries` (normalised here) against a chunk of unit-length keys whose first row is key
-/// number `offset`, and merges every score into `best`. Keys may be f32, f16 or bf16 (converted
-/// per chunk); scores are f32 dot products, i.e. cosines.
-pub fn cosine_topk_update(
+/// Checks a top-k update's operands: returns `(keys, features, queries)`. Key indices are `u32`, so
+/// the chunk must end by key number 2^32.
+pub(crate) fn check_topk(
     keys: &Tensor,
     offset: usize,
     queries: &Tensor,
-    best: &mut TopK,
-) -> Result<()> {
+    best: &TopK,
+) -> Result<(usize, usize, usize)> {
     let (n, d) = keys.rows_cols();
     let (q, dq) = queries.rows_cols();
     ensure!(
@@ -172,6 +171,24 @@ pub fn cosine_topk_update(
         "top-k: {q} queries but the accumulator holds {}",
         best.queries()
     );
+    ensure!(
+        offset + n <= 1 << 32,
+        "top-k: keys {offset}..{} are past the last index a u32 holds",
+        offset + n
+    );
+    Ok((n, d, q))
+}
+
+/// Scores `queries` (normalised here) against a chunk of unit-length keys whose first row is key
+/// number `offset`, and merges every score into `best`. Keys may be f32, f16 or bf16 (converted
+/// per chunk); scores are f32 dot products, i.e. cosines.
+pub fn cosine_topk_update(
+    keys: &Tensor,
+    offset: usize,
+    queries: &Tensor,
+    best: &mut TopK,
+) -> Result<()> {
+    let (n, d, q) = check_topk(keys, offset, queries, best)?;
     let (unit, _) = normalized(&queries.to_vec_f32(), d);
     // Key blocks sized so the score block stays around 16 MB whatever the query count.
     let block = ((4 << 20) / q.max(1)).clamp(256, 65536);
@@ -198,26 +215,21 @@ pub fn cosine_topk_update(
             scores,
             false,
         );
-        best.heaps
-            .par_iter_mut()
-            .zip(scores.par_chunks(rows))
-            .for_each(|(heap, row)| {
-                for (j, &s) in row.iter().enumerate() {
-                    heap.offer(s, (offset + start + j) as u32);
-                }
-            });
+        best.offer_rows(scores, rows, (offset + start) as u32);
     }
     Ok(())
 }
 
 /// The k best (highest score; on equal scores the lower index) of each query so far.
 pub struct TopK {
+    k: usize,
     heaps: Vec<Bounded>,
 }
 
 impl TopK {
     pub fn new(queries: usize, k: usize) -> TopK {
         TopK {
+            k,
             heaps: (0..queries)
                 .map(|_| Bounded {
                     k,
@@ -229,6 +241,28 @@ impl TopK {
 
     pub fn queries(&self) -> usize {
         self.heaps.len()
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Offers key `index` with `score` to `query`'s list.
+    pub(crate) fn offer(&mut self, query: usize, score: f32, index: u32) {
+        self.heaps[query].offer(score, index);
+    }
+
+    /// Offers a block of scores `[queries, cols]` of keys `first_index..first_index + cols`, one
+    /// thread per query.
+    pub(crate) fn offer_rows(&mut self, scores: &[f32], cols: usize, first_index: u32) {
+        self.heaps
+            .par_iter_mut()
+            .zip(scores.par_chunks(cols))
+            .for_each(|(heap, row)| {
+                for (j, &s) in row.iter().enumerate() {
+                    heap.offer(s, first_index + j as u32);
+                }
+            });
     }
 
     /// `[queries, k']` indices and scores, best first (`k' = min(k, keys seen)`).

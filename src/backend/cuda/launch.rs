@@ -71,7 +71,8 @@ macro_rules! launch {
 pub(crate) use launch;
 
 /// The name of a kernel's instance for a dtype, `<base>_f32` or `<base>_bf16`, as a `&'static str`;
-/// returns an error from the enclosing function for other dtypes.
+/// returns an error from the enclosing function for other dtypes. `kernel!(base, dtype, with_f16)`
+/// also maps f16 to `<base>_f16`, for the few kernels that read f16 (key stores).
 macro_rules! kernel {
     ($base:literal, $dtype:expr) => {
         match $dtype {
@@ -79,6 +80,17 @@ macro_rules! kernel {
             $crate::tensor::DType::BF16 => concat!($base, "_bf16"),
             other => anyhow::bail!(
                 "{}: the CUDA kernels take f32 or bf16 tensors, not {other}: convert with to_dtype first",
+                $base.trim_start_matches("kdx_")
+            ),
+        }
+    };
+    ($base:literal, $dtype:expr, with_f16) => {
+        match $dtype {
+            $crate::tensor::DType::F32 => concat!($base, "_f32"),
+            $crate::tensor::DType::BF16 => concat!($base, "_bf16"),
+            $crate::tensor::DType::F16 => concat!($base, "_f16"),
+            other => anyhow::bail!(
+                "{}: the CUDA kernels take f32, bf16 or f16 tensors, not {other}: convert with to_dtype first",
                 $base.trim_start_matches("kdx_")
             ),
         }
@@ -230,5 +242,51 @@ pub(crate) fn attention(
         grid_dim: (grid_x(pairs)?, tiles as u32, 1),
         block_dim: (ATTENTION_THREADS, 1, 1),
         shared_mem_bytes: (floats * std::mem::size_of::<f32>()) as u32,
+    })
+}
+
+/// Threads per block of the cosine-score kernels (kernels/topk.cu's `SCORE_THREADS`), and the keys
+/// each block scores (`TILE_KEYS`).
+const SCORE_THREADS: u32 = 256;
+const SCORE_TILE_KEYS: usize = 128;
+/// Queries per block of the `q64` and `q16` score kernels.
+pub(crate) const SCORE_TILE_QUERIES_WIDE: usize = 64;
+pub(crate) const SCORE_TILE_QUERIES_NARROW: usize = 16;
+
+/// The cosine-score grid: tiles of 128 keys along x, of `tile_queries` queries along y.
+pub(crate) fn cosine_scores(
+    queries: usize,
+    keys: usize,
+    tile_queries: usize,
+) -> Result<LaunchConfig> {
+    let query_tiles = queries.div_ceil(tile_queries);
+    if query_tiles > 65_535 {
+        bail!(
+            "top-k: {queries} queries in one call exceed the grid's y limit (65535 tiles of \
+             {tile_queries}): pass fewer at a time"
+        );
+    }
+    Ok(LaunchConfig {
+        grid_dim: (
+            grid_x(keys.div_ceil(SCORE_TILE_KEYS))?,
+            query_tiles as u32,
+            1,
+        ),
+        block_dim: (SCORE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Items per block of a top-k selection round (kernels/topk.cu's `SEGMENT`).
+pub(crate) const TOPK_SEGMENT: usize = 4096;
+/// Threads per block of a selection round (kernels/topk.cu's `SELECT_THREADS`).
+const SELECT_THREADS: u32 = 512;
+
+/// A top-k selection round: one block per segment of each query's list.
+pub(crate) fn topk_select(queries: usize, segments: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_x(queries * segments)?, 1, 1),
+        block_dim: (SELECT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
     })
 }

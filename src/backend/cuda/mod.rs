@@ -3,9 +3,10 @@
 //! One module per op family, mirroring `kernels/` and `src/backend/cpu/` file for file.
 //!
 //! Tensors live on the device ([`CudaStorage`]); ops take and return device tensors and check that
-//! every operand is on their device. Activations are f32 or bf16, computed in f32; AdamW keeps f32
-//! master weights and moments. Ops without a kernel yet fail with a [`NotImplemented`] error naming
-//! the op.
+//! every operand is on their device. Activations are f32 or bf16, computed in f32 (retrieval keys
+//! may also be f16); AdamW keeps f32 master weights and moments. Every op of the trait has a kernel
+//! here; an op added to the trait later fails with a [`NotImplemented`] error naming it until it
+//! has one.
 
 mod activations;
 mod attention;
@@ -22,8 +23,10 @@ pub mod peak;
 mod pooling;
 mod rope;
 pub mod runtime;
+mod sampling;
 mod similarity;
 pub mod storage;
+mod topk;
 
 use std::sync::{Mutex, PoisonError};
 
@@ -85,14 +88,6 @@ impl CudaBackend {
 
     pub fn gpu(&self) -> &'static Gpu {
         self.gpu
-    }
-
-    fn not_yet(&self, op: &'static str) -> anyhow::Error {
-        NotImplemented {
-            op,
-            device: self.gpu.device(),
-        }
-        .into()
     }
 }
 
@@ -400,16 +395,16 @@ impl Backend for CudaBackend {
 
     fn cosine_topk_update(
         &self,
-        _keys: &Tensor,
-        _offset: usize,
-        _queries: &Tensor,
-        _best: &mut TopK,
+        keys: &Tensor,
+        offset: usize,
+        queries: &Tensor,
+        best: &mut TopK,
     ) -> Result<()> {
-        Err(self.not_yet("cosine top-k"))
+        topk::cosine_topk_update(self.gpu, keys, offset, queries, best)
     }
 
-    fn sample(&self, _logits: &Tensor, _s: &Sampling, _step: u64) -> Result<Vec<u32>> {
-        Err(self.not_yet("sampling"))
+    fn sample(&self, logits: &Tensor, s: &Sampling, step: u64) -> Result<Vec<u32>> {
+        sampling::sample(self.gpu, logits, s, step)
     }
 
     fn adamw(
