@@ -135,6 +135,10 @@ template <int LANES>
 struct WarpGroup {
   __device__ __forceinline__ static size_t lane() { return threadIdx.x % LANES; }
   __device__ __forceinline__ static size_t size() { return LANES; }
+  // Orders the group's memory accesses: what a lane read before, another may overwrite after.
+  __device__ __forceinline__ static void sync() {
+    if (LANES > 1) __syncwarp();
+  }
   __device__ __forceinline__ static float sum(float v) {
 #pragma unroll
     for (int offset = LANES / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
@@ -151,6 +155,7 @@ struct WarpGroup {
 struct BlockGroup {
   __device__ __forceinline__ static size_t lane() { return threadIdx.x; }
   __device__ __forceinline__ static size_t size() { return blockDim.x; }
+  __device__ __forceinline__ static void sync() { __syncthreads(); }
   __device__ __forceinline__ static float sum(float v) { return block_sum(v); }
   __device__ __forceinline__ static Stats merge(Stats v, float inv_tau) {
     __shared__ Stats partial[WARP_SIZE];
@@ -172,6 +177,10 @@ struct Row {
   uint32_t label;
   bool hard, probs, reverse;
 };
+
+// p·d, read as 0 where p = 0 (0·log 0 = 0): a class that a side gives no probability (a −∞ logit,
+// a zero teacher probability) adds nothing, where p·d would be 0·∞ = NaN.
+__device__ __forceinline__ float weighted(float p, float d) { return p == 0.0f ? 0.0f : p * d; }
 
 // The teacher's log-probability of value y: its softened logit, or the log of a given probability.
 __device__ __forceinline__ float teacher_log_p(float y, const Row& r, float log_zt) {
@@ -197,13 +206,15 @@ __device__ __forceinline__ float row_loss(const T* s, const T* t, T* g, size_t c
     float part = 0.0f;
     for (size_t c = G::lane(); c < classes; c += G::size()) {
       const float ls = to_f32(s[c]) * r.inv_tau - log_zs;
-      part += expf(ls) * (ls - teacher_log_p(to_f32(t[c]), r, log_zt));
+      part += weighted(expf(ls), ls - teacher_log_p(to_f32(t[c]), r, log_zt));
     }
     kl = G::sum(part);
   }
 
-  // Read before the gradient pass, which may overwrite the logits (in place).
+  // Read before the gradient pass, which may overwrite the logits (in place): s[label] belongs to
+  // one lane of the group, which may reach its gradient write before the others have read it.
   const float label_logit = r.hard ? to_f32(s[r.label]) : 0.0f;
+  G::sync();
   const float soft = r.kl_weight * r.tau;
   float forward_part = 0.0f;
   for (size_t c = G::lane(); c < classes; c += G::size()) {
@@ -213,18 +224,20 @@ __device__ __forceinline__ float row_loss(const T* s, const T* t, T* g, size_t c
     const float ps = expf(ls);
     float d;
     if (r.reverse) {
-      d = soft * ps * (ls - lt - kl);
+      d = soft * weighted(ps, ls - lt - kl);
     } else {
       const float pt = r.probs ? to_f32(t[c]) : expf(lt);
       d = soft * (ps - pt);
-      forward_part += pt * (lt - ls);
+      forward_part += weighted(pt, lt - ls);
     }
     if (r.hard) d += r.ce_weight * (expf(x - log_z1) - (c == r.label ? 1.0f : 0.0f));
     g[c] = from_f32<T>(d * r.scale);
   }
   if (!r.reverse) kl = G::sum(forward_part);
 
-  float loss = r.kl_weight * r.tau * r.tau * kl;
+  // A zero KL weight leaves the KL out, even an infinite one (a −∞ student logit where the
+  // teacher has mass, forward direction): 0·∞ would make the row's loss NaN.
+  float loss = r.kl_weight == 0.0f ? 0.0f : r.kl_weight * r.tau * r.tau * kl;
   if (r.hard) loss += r.ce_weight * (log_z1 - label_logit);
   return loss;
 }
