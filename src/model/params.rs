@@ -101,27 +101,20 @@ impl ParamStore {
     }
 
     pub fn to_dtype(&self, dtype: DType) -> Result<ParamStore> {
-        Ok(ParamStore {
-            names: self.names.clone(),
-            inits: self.inits.clone(),
-            tensors: self
-                .tensors
-                .iter()
-                .map(|t| t.to_dtype(dtype))
-                .collect::<Result<_>>()?,
-        })
+        self.map_tensors(|t| t.to_dtype(dtype))
     }
 
     /// Every tensor moved to `device` (host or GPU memory).
     pub fn to_device(&self, device: Device) -> Result<ParamStore> {
+        self.map_tensors(|t| t.to_device(device))
+    }
+
+    /// The same names and initialisers over `f` of each tensor.
+    fn map_tensors(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<ParamStore> {
         Ok(ParamStore {
             names: self.names.clone(),
             inits: self.inits.clone(),
-            tensors: self
-                .tensors
-                .iter()
-                .map(|t| t.to_device(device))
-                .collect::<Result<_>>()?,
+            tensors: self.tensors.iter().map(f).collect::<Result<_>>()?,
         })
     }
 
