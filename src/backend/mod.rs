@@ -760,6 +760,38 @@ impl MatmulDims {
     }
 }
 
+/// Checks the operands of `linear_backward` against each other (every backend's); returns the
+/// rows, input features and output features.
+pub(crate) fn check_linear_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    dw: &Tensor,
+) -> Result<(usize, usize, usize)> {
+    let (rows, inp) = x.rows_cols();
+    if w.shape().len() != 2 || w.shape()[1] != inp {
+        bail!(
+            "linear backward: input has {inp} features but weight is {:?}",
+            w.shape()
+        );
+    }
+    let outp = w.shape()[0];
+    if dy.rows_cols() != (rows, outp) {
+        bail!(
+            "linear backward: dy is {:?}, expected [{rows}, {outp}]",
+            dy.shape()
+        );
+    }
+    if dw.shape() != w.shape() {
+        bail!(
+            "linear backward: dw is {:?}, weight is {:?}",
+            dw.shape(),
+            w.shape()
+        );
+    }
+    Ok((rows, inp, outp))
+}
+
 /// Checks that two shapes agree, naming the op and the operands.
 pub(crate) fn check_same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::elementwise::column_sums_into;
 use super::simd::{dot, simd, Real, SendPtr};
 use super::with_real;
-use crate::backend::{MatmulDims, Transpose};
+use crate::backend::{check_linear_backward, MatmulDims, Transpose};
 use crate::tensor::Tensor;
 
 /// A strided matrix view: element (i, j) is at `ptr + i*rs + j*cs`.
@@ -242,19 +242,7 @@ pub fn linear_backward(
     dw: &mut Tensor,
     dbias: Option<&mut Tensor>,
 ) -> Result<Tensor> {
-    let (rows, inp) = x.rows_cols();
-    let outp = w.shape()[0];
-    ensure!(
-        dy.rows_cols() == (rows, outp),
-        "linear backward: dy is {:?}, expected [{rows}, {outp}]",
-        dy.shape()
-    );
-    ensure!(
-        dw.shape() == w.shape(),
-        "linear backward: dw is {:?}, weight is {:?}",
-        dw.shape(),
-        w.shape()
-    );
+    let (rows, inp, outp) = check_linear_backward(dy, x, w, dw)?;
     let mut dx = Tensor::zeros(x.shape(), x.dtype());
     with_real!(x.dtype(), T => {
         let (dyd, xd, wd) = (dy.data::<T>()?, x.data::<T>()?, w.data::<T>()?);

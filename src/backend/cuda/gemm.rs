@@ -10,7 +10,7 @@ use super::elementwise::column_sums_into;
 use super::launch::{self, kernel, launch, Ptr, GEMM_BF16_SHARED, GEMM_MAX_BATCH};
 use super::runtime::{Gemm, Gpu};
 use super::{expect_dtype, input, output, tensor, CudaStorage};
-use crate::backend::{MatmulDims, Transpose};
+use crate::backend::{check_linear_backward, MatmulDims, Transpose};
 use crate::tensor::{DType, Tensor};
 
 /// `batch` products `c[z] (+)= op(a[z])·op(b[z]) (+ bias)` of an m×k by a k×n matrix, row-major,
@@ -216,24 +216,7 @@ pub(crate) fn linear_backward(
     dw: &mut Tensor,
     dbias: Option<&mut Tensor>,
 ) -> Result<Tensor> {
-    let (rows, inp) = x.rows_cols();
-    ensure!(
-        w.shape().len() == 2 && w.shape()[1] == inp,
-        "linear backward: input has {inp} features but weight is {:?}",
-        w.shape()
-    );
-    let outp = w.shape()[0];
-    ensure!(
-        dy.rows_cols() == (rows, outp),
-        "linear backward: dy is {:?}, expected [{rows}, {outp}]",
-        dy.shape()
-    );
-    ensure!(
-        dw.shape() == w.shape(),
-        "linear backward: dw is {:?}, weight is {:?}",
-        dw.shape(),
-        w.shape()
-    );
+    let (rows, inp, outp) = check_linear_backward(dy, x, w, dw)?;
     let dtype = x.dtype();
     for (name, t) in [("dy", dy), ("weight", w), ("dw", &*dw)] {
         expect_dtype("linear backward", name, t, dtype)?;
